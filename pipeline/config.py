@@ -1,0 +1,275 @@
+"""The typed configuration schema of a pipeline run.
+
+One schema validates every field of every stage: unknown keys and wrong types are rejected
+with a message that names the field (pydantic's ``extra="forbid"`` plus field validators).
+The same schema generates the command-line options (see :mod:`pipeline.cli`) and is saved,
+resolved, with every run (``resolved_config.yaml`` in the work dir and MLflow params).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from models.config import ModelConfig
+
+__all__ = [
+    "AveragingConfig",
+    "ConfigError",
+    "DataConfig",
+    "EvaluateConfig",
+    "OptimizerConfig",
+    "PipelineConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "flatten_config",
+    "load_config",
+    "shipped_config_names",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the field and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where the corpus comes from and where its token arrays go."""
+
+    dataset: Literal["enwik8", "text8", "ptb_word", "ptb_char", "text"] = Field(
+        description="Corpus kind: enwik8, text8, ptb_word, ptb_char or text (any text file, one token per byte)."
+    )
+    source: str = Field(
+        description="fsspec URL or local path of the canonical archive / directory / text file. "
+        "The special value 'sample' means the small WikiText-2 sample shipped with the package."
+    )
+    dir: str | None = Field(
+        default=None, description="Local folder for the tokenised arrays; default <work_root>/data/<dataset>."
+    )
+    cache_dir: str | None = Field(default=None, description="Download cache; default next to the data dir.")
+    verify_source: bool = Field(default=True, description="Check size and sha256 of the download against known facts.")
+
+
+class OptimizerConfig(_Strict):
+    """Optimizer and the gradient-side regularisers."""
+
+    name: Literal["adam", "radam"] = Field(default="radam", description="Adam or Rectified Adam (thesis §4.4).")
+    lr: float = Field(default=2e-3, gt=0, description="Base learning rate.")
+    beta1: float = Field(default=0.0, ge=0, lt=1, description="First-moment decay; the thesis uses 0 (RMSProp-like).")
+    beta2: float = Field(default=0.999, gt=0, lt=1, description="Second-moment decay.")
+    eps: float = Field(default=1e-9, gt=0, description="Adam epsilon.")
+    clip_norm: float | None = Field(default=10.0, gt=0, description="Clip the global gradient norm to this; null disables.")
+    l2_penalty: float = Field(default=0.0, ge=0, description="Adds l2_penalty * 0.5 * sum(w^2) to the loss.")
+
+
+class AveragingConfig(_Strict):
+    """Weight averaging: Two-Tailed Averaging (default) or the TA / EMA baselines."""
+
+    method: Literal["two_tailed", "tail", "ema", "none"] = Field(
+        default="two_tailed", description="two_tailed (thesis Alg. 2), tail (eq. 3.2), ema (eq. 3.1) or none."
+    )
+    reset_patience: int | None = Field(
+        default=3, ge=1, description="2TA: reset an average that has not improved for this many evaluations; null disables."
+    )
+    raw_fallback: bool = Field(default=True, description="2TA: report the raw weights while they beat the long average.")
+    tail_start: int | None = Field(default=None, ge=0, description="tail: optimizer step at which averaging starts.")
+    ema_decay: float | None = Field(default=None, gt=0, lt=1, description="ema: decay rate beta of eq. 3.1.")
+
+    @model_validator(mode="after")
+    def _method_parameters(self) -> AveragingConfig:
+        if self.method == "tail" and self.tail_start is None:
+            raise ValueError("averaging.method 'tail' needs averaging.tail_start (the step at which averaging starts)")
+        if self.method == "ema" and self.ema_decay is None:
+            raise ValueError("averaging.method 'ema' needs averaging.ema_decay (e.g. 0.999)")
+        return self
+
+
+class TrainConfig(_Strict):
+    """Truncated BPTT training."""
+
+    batch_size: int = Field(default=128, gt=0, description="Global batch size (number of contiguous stripes).")
+    bptt: int = Field(default=200, gt=0, description="Truncated BPTT window length.")
+    max_steps: int = Field(default=1000, gt=0, description="Optimizer steps to train for.")
+    dropout_samples: int = Field(default=1, ge=1, description="D of the multi-sample dropout objective (thesis §4.3).")
+    eval_every: int = Field(default=1000, gt=0, description="E: evaluate (and adapt 2TA) every this many steps.")
+    eval_tokens: int | None = Field(
+        default=None, gt=0, description="Validation tokens used by evaluations during training; null = all."
+    )
+    eval_batch_size: int = Field(default=64, gt=0, description="Batch size of evaluations during training.")
+    checkpoint_every: int | None = Field(default=None, gt=0, description="Steps between checkpoints; default eval_every.")
+    keep_checkpoints: int = Field(default=2, ge=1, description="How many most recent checkpoints to keep.")
+    log_every: int = Field(default=50, gt=0, description="Steps between training-loss log lines.")
+    seed: int = Field(default=0, description="Seed of parameter init and dropout masks.")
+    divergence_lr_decay: float = Field(
+        default=0.9, gt=0, lt=1, description="On a non-finite loss, reload the last good checkpoint and multiply lr by this."
+    )
+    max_divergence_restarts: int = Field(default=10, ge=0, description="Give up after this many divergence restarts.")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    averaging: AveragingConfig = Field(default_factory=AveragingConfig)
+
+    @property
+    def checkpoint_interval(self) -> int:
+        return self.checkpoint_every or self.eval_every
+
+
+class TemperatureScan(_Strict):
+    """Softmax temperatures tried on the validation set (one pass computes all of them)."""
+
+    min: float = Field(default=0.8, gt=0)
+    max: float = Field(default=1.2, gt=0)
+    num: int = Field(default=41, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TemperatureScan:
+        if self.max < self.min:
+            raise ValueError(f"evaluate.temperature.max ({self.max}) must be >= evaluate.temperature.min ({self.min})")
+        return self
+
+
+class EvaluateConfig(_Strict):
+    """Final evaluation with the reported (2TA long-average) weights."""
+
+    batch_size: int = Field(default=16, gt=0, description="Evaluation batch size (stripes).")
+    bptt: int = Field(default=200, gt=0, description="Evaluation window length (state carried across windows).")
+    max_tokens: int | None = Field(default=None, gt=0, description="Evaluate at most this many tokens per split; null = all.")
+    temperature: TemperatureScan = Field(default_factory=TemperatureScan)
+
+
+class TrackingConfig(_Strict):
+    """MLflow tracking."""
+
+    enabled: bool = Field(default=True, description="Log to MLflow.")
+    uri: str | None = Field(
+        default=None,
+        description="Tracking URI; default $MLFLOW_TRACKING_URI, else a SQLite store sqlite:///<work_dir>/mlflow.db.",
+    )
+    experiment: str | None = Field(default=None, description="Experiment name; default the config name.")
+
+
+class PipelineConfig(_Strict):
+    """A whole experiment: data, model, training, evaluation and tracking."""
+
+    name: str = Field(description="Experiment name (used for the work dir and the MLflow experiment).")
+    work_dir: str | None = Field(default=None, description="Local folder for this run; default runs/<name>.")
+    checkpoint_dir: str | None = Field(
+        default=None, description="fsspec URL for checkpoints (local path, s3://, memory://); default <work_dir>/checkpoints."
+    )
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PipelineConfig:
+        if not self.name or any(c in self.name for c in "/\\ "):
+            raise ValueError(f"name {self.name!r} must be non-empty without slashes or spaces (it names folders)")
+        if self.model.tie_embeddings and self.model.vocab_size is not None and self.model.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be positive")
+        return self
+
+    # Resolved paths: relative defaults are anchored at the current directory.
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.work_dir or os.path.join("runs", self.name))
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.data.dir or os.path.join("data", self.data.dataset))
+
+    @property
+    def checkpoint_url(self) -> str:
+        return self.checkpoint_dir or str(self.run_dir / "checkpoints")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _configs_dir() -> Path:
+    return Path(str(importlib.resources.files("pipeline") / "configs"))
+
+
+def shipped_config_names() -> list[str]:
+    """Names of the experiment configs shipped in ``pipeline/configs``."""
+    return sorted(p.stem for p in _configs_dir().glob("*.yaml"))
+
+
+def _resolve_config_path(name_or_path: str | os.PathLike) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        return path
+    shipped = _configs_dir() / f"{name_or_path}.yaml"
+    if shipped.exists():
+        return shipped
+    raise ConfigError(
+        f"unknown config {str(name_or_path)!r}: give a YAML path or one of the shipped configs: "
+        + ", ".join(shipped_config_names())
+    )
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``tree['a']['b'] = value`` for ``dotted == 'a.b'``, creating dicts on the way."""
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {dotted!r}: {key!r} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def _format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid configuration ({origin}):"]
+    for item in err.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "<root>"
+        msg = item["msg"]
+        if item["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; `python -m pipeline <stage> --help` lists every field)"
+        lines.append(f"  {field}: {msg} (got {item.get('input')!r})" if item["type"] != "missing" else f"  {field}: {msg}")
+    return "\n".join(lines)
+
+
+def validate_config(raw: dict[str, Any], origin: str = "<dict>") -> PipelineConfig:
+    """Validate a raw mapping into a :class:`PipelineConfig`, raising :class:`ConfigError` on problems."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid configuration ({origin}): the top level must be a mapping, got {type(raw).__name__}")
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, origin)) from None
+
+
+def load_config(name_or_path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Load a shipped config by name (e.g. ``ptb_char_rlstm``) or a YAML file, apply dotted overrides, validate."""
+    path = _resolve_config_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    for dotted, value in (overrides or {}).items():
+        set_dotted(raw, dotted, value)
+    return validate_config(raw, origin=str(path))
+
+
+def flatten_config(config: BaseModel | dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten to ``{'train.optimizer.lr': 0.002, ...}`` (MLflow params, comparison tables)."""
+    tree = config.model_dump(mode="json") if isinstance(config, BaseModel) else config
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_config(value, prefix=f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat
