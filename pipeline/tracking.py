@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -81,16 +82,19 @@ class Tracker:
         id_file.write_text(run.info.run_id)
         return run.info.run_id
 
-    def _call(self, what: str, fn, *args, **kwargs) -> None:
+    def _call(self, what: str, method: str, *args, **kwargs) -> None:
+        """Call ``MlflowClient.<method>(*args)``; failures are warnings, never errors."""
         if not self.enabled or self._client is None:
             return
         try:
-            fn(*args, **kwargs)
+            getattr(self._client, method)(*args, **kwargs)
         except Exception as err:  # tracking must never kill training
             log.warning("MLflow %s failed (training continues): %s", what, err)
 
     def log_config(self, config: PipelineConfig) -> None:
         """The full resolved config as params (dotted names) and as ``config.yaml``."""
+        if not self.enabled:
+            return
         from mlflow.entities import Param
 
         params = [Param(k, "null" if v is None else str(v)) for k, v in flatten_config(config).items()]
@@ -103,30 +107,33 @@ class Tracker:
         # MLflow params are immutable: only log the ones not logged yet by an earlier stage.
         params = [p for p in params if p.key not in existing]
         for start in range(0, len(params), 100):
-            self._call("log params", self._client.log_batch, self.run_id, params=params[start : start + 100])
-        self._call("log config", self._client.log_text, self.run_id, config.to_yaml(), "config.yaml")
+            self._call("log params", "log_batch", self.run_id, params=params[start : start + 100])
+        self._call("log config", "log_text", self.run_id, config.to_yaml(), "config.yaml")
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if not self.enabled:
+            return
         from mlflow.entities import Metric
-        import time
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
-        self._call("log metrics", self._client.log_batch, self.run_id, metrics=batch)
+        self._call("log metrics", "log_batch", self.run_id, metrics=batch)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
         from mlflow.entities import RunTag
 
-        self._call("set tags", self._client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._call("set tags", "log_batch", self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        self._call("log artifact", self._client.log_artifact, self.run_id, str(path), artifact_path)
+        self._call("log artifact", "log_artifact", self.run_id, str(path), artifact_path)
 
     def log_dict(self, data: dict[str, Any], artifact_file: str) -> None:
-        self._call("log dict", self._client.log_dict, self.run_id, data, artifact_file)
+        self._call("log dict", "log_dict", self.run_id, data, artifact_file)
 
     def finish(self, status: str = "FINISHED") -> None:
-        self._call("end run", self._client.set_terminated, self.run_id, status)
+        self._call("end run", "set_terminated", self.run_id, status)
 
 
 def open_tracker(config: PipelineConfig) -> Tracker:

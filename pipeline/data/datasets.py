@@ -1,0 +1,316 @@
+"""Per-dataset facts and tokenisers.
+
+| dataset    | source layout (members by basename)                      | tokens                         | ids    | unit |
+|------------|-----------------------------------------------------------|--------------------------------|--------|------|
+| ``enwik8`` | zip holding ``enwik8`` (100,000,000 bytes)                | one per byte, vocab 256        | uint8  | char |
+| ``text8``  | zip holding ``text8`` (100,000,000 chars, ``a-z`` + space) | ``' '`` = 0, ``a``..``z`` = 1..26 | uint8  | char |
+| ``ptb_word``| ``ptb.{train,valid,test}.txt``                           | ``line.split() + ['<eos>']``   | uint16 | word |
+| ``ptb_char``| ``ptb.char.{train,valid,test}.txt`` (each maybe ``.gz``)  | ``line.split() + ['<eos>']``   | uint8  | char |
+| ``text``   | any single text file, optionally gzipped                  | one per byte, vocab 256        | uint8  | char |
+
+Single-stream corpora (``enwik8``, ``text8``, ``text``) are split 90% / 5% / 5% in order
+(integer arithmetic: train = N*90//100, valid = N*5//100, test = the rest - exactly
+90M / 5M / 5M on the 100M-byte files). Line corpora come with their own splits; their vocabulary
+is built from train only, ordered by decreasing train frequency (ties: first appearance), and a
+valid/test token outside it is an error.
+
+Byte vocabularies are ``[chr(0), ..., chr(255)]`` (id == byte value; ``bytes(ids)`` decodes).
+"""
+
+from __future__ import annotations
+
+import string
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from pipeline.data.sources import DataError, FileFacts, SourceFacts
+
+__all__ = [
+    "DATASETS",
+    "SPLITS",
+    "EOS",
+    "DatasetSpec",
+    "get_spec",
+    "DEFAULT_SOURCES",
+    "CANONICAL_FACTS",
+    "SAMPLE_TEXT_PATH",
+    "BYTE_VOCAB",
+    "TEXT8_VOCAB",
+    "split_by_fractions",
+    "byte_tokens",
+    "text8_tokens",
+    "line_tokens",
+    "encode_lines",
+]
+
+DATASETS: tuple[str, ...] = ("enwik8", "text8", "ptb_word", "ptb_char", "text")
+SPLITS: tuple[str, ...] = ("train", "valid", "test")
+EOS = "<eos>"
+#: Split percentages for single-stream corpora.
+SPLIT_PERCENT: tuple[int, int, int] = (90, 5, 5)
+
+#: The WikiText-2 excerpt shipped with the package (see ``pipeline/sample_data/README.md``).
+SAMPLE_TEXT_PATH: Path = Path(__file__).resolve().parent.parent / "sample_data" / "wikitext2_sample.txt.gz"
+
+# ---------------------------------------------------------------------------------------------
+# canonical facts
+
+_M = 100_000_000
+
+#: Known facts about the canonical sources. PTB shas were computed from the Mikolov files
+#: (word: ``ptb.zip``/``simple-examples``; char: ``simple-examples/data/ptb.char.*``), decompressed.
+CANONICAL_FACTS: dict[str, SourceFacts] = {
+    "enwik8": SourceFacts(
+        archive=FileFacts(size=36_445_475),
+        members={
+            "enwik8": FileFacts(
+                size=_M, sha256="2b49720ec4d78c3c9fabaee6e4179a5e997302b3a70029f30f2d582218c024a8"
+            )
+        },
+    ),
+    # text8: no published sha256; the archive size (31,344,016 bytes) is the one TensorFlow's
+    # word2vec tutorial checks; the member must be exactly 10^8 characters of a-z and space.
+    "text8": SourceFacts(archive=FileFacts(size=31_344_016), members={"text8": FileFacts(size=_M)}),
+    "ptb_word": SourceFacts(
+        members={
+            "ptb.train.txt": FileFacts(
+                size=5_101_618, sha256="fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf"
+            ),
+            "ptb.valid.txt": FileFacts(
+                size=399_782, sha256="c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2"
+            ),
+            "ptb.test.txt": FileFacts(
+                size=449_945, sha256="dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0"
+            ),
+        }
+    ),
+    "ptb_char": SourceFacts(
+        members={
+            "ptb.char.train.txt": FileFacts(
+                size=10_034_964, sha256="e313d91425e06c4f0a8fb6e881dcce0c291f2a0e9f4dda54833069b122f91da9"
+            ),
+            "ptb.char.valid.txt": FileFacts(
+                size=786_084, sha256="21661f63ec355085879458b6524644d4add5573541b4be14fb52ab2e2e995eb8"
+            ),
+            "ptb.char.test.txt": FileFacts(
+                size=884_846, sha256="1ef5607ac3c463b16e38bfe7900dd3bfc91de5a96e0f21e7eab5188b465b8ebe"
+            ),
+        }
+    ),
+    "text": SourceFacts(),
+}
+
+_SIMPLE_EXAMPLES = "http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz"
+
+#: Where each corpus is published (``text`` defaults to the shipped sample).
+DEFAULT_SOURCES: dict[str, str] = {
+    "enwik8": "http://mattmahoney.net/dc/enwik8.zip",
+    "text8": "http://mattmahoney.net/dc/text8.zip",
+    "ptb_word": _SIMPLE_EXAMPLES,
+    "ptb_char": _SIMPLE_EXAMPLES,
+    "text": str(SAMPLE_TEXT_PATH),
+}
+
+# ---------------------------------------------------------------------------------------------
+# tokenisers
+
+BYTE_VOCAB: list[str] = [chr(i) for i in range(256)]
+TEXT8_VOCAB: list[str] = [" ", *string.ascii_lowercase]
+
+_PROGRESS_MIN_CHARS = 8 << 20
+
+
+def split_by_fractions(ids: np.ndarray, what: str) -> dict[str, np.ndarray]:
+    """Cut a 1-D stream into train/valid/test by :data:`SPLIT_PERCENT` (views, no copies)."""
+    n = int(ids.shape[0])
+    n_train = n * SPLIT_PERCENT[0] // 100
+    n_valid = n * SPLIT_PERCENT[1] // 100
+    out = {"train": ids[:n_train], "valid": ids[n_train : n_train + n_valid], "test": ids[n_train + n_valid :]}
+    for split, arr in out.items():
+        if arr.shape[0] < 2:
+            raise DataError(
+                f"{what} is too small ({n:,} tokens): its {split} split would hold {arr.shape[0]} tokens; "
+                "use a larger file"
+            )
+    return out
+
+
+def byte_tokens(data: bytes) -> np.ndarray:
+    """One token per byte, id == byte value (uint8, a zero-copy view of ``data``)."""
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+_TEXT8_TABLE = np.full(256, 255, dtype=np.uint8)
+_TEXT8_TABLE[ord(" ")] = 0
+_TEXT8_TABLE[ord("a") : ord("z") + 1] = np.arange(1, 27, dtype=np.uint8)
+
+
+def text8_tokens(data: bytes, what: str = "text8") -> np.ndarray:
+    """``' '`` -> 0, ``'a'``..``'z'`` -> 1..26; any other byte is a :class:`DataError`."""
+    raw = np.frombuffer(data, dtype=np.uint8)
+    ids = _TEXT8_TABLE[raw]
+    bad = np.flatnonzero(ids == 255)
+    if bad.size:
+        pos = int(bad[0])
+        byte = int(raw[pos])
+        raise DataError(
+            f"{what} contains a character outside text8's alphabet: {chr(byte)!r} (byte 0x{byte:02x}) at offset "
+            f"{pos:,} ({bad.size:,} such bytes in all); text8 holds only 'a'-'z' and ' '. Use the canonical "
+            "text8.zip, or prepare this file as dataset 'text' (byte level)"
+        )
+    return ids
+
+
+def line_tokens(text: str, *, progress: bool = False, desc: str = "tokenise") -> list[str]:
+    """Each line -> ``line.split() + ['<eos>']``.
+
+    Lines end at ``\n``. What follows the last ``\n`` is a line only if it holds a token: the
+    Mikolov PTB char files end in ``"\n "`` and that trailing space is not a sentence, so every
+    PTB split gets exactly one ``<eos>`` per sentence (42,068 in train, as at word level).
+    """
+    lines = text.split("\n")
+    if lines and not lines[-1].strip():
+        lines.pop()
+    out: list[str] = []
+    disable = not progress or len(text) < _PROGRESS_MIN_CHARS
+    for line in tqdm(lines, desc=desc, unit="line", disable=disable, leave=False):
+        out.extend(line.split())
+        out.append(EOS)
+    return out
+
+
+def build_vocab(tokens: list[str]) -> list[str]:
+    """Train vocabulary, most frequent first (ties: first appearance)."""
+    return [tok for tok, _ in Counter(tokens).most_common()]
+
+
+def _id_dtype(vocab_size: int, minimum: type[np.unsignedinteger]) -> np.dtype:
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if np.dtype(dt).itemsize >= np.dtype(minimum).itemsize and vocab_size <= np.iinfo(dt).max + 1:
+            return np.dtype(dt)
+    raise DataError(f"vocabulary of {vocab_size:,} tokens is too large")
+
+
+def encode_lines(
+    tokens: list[str], index: dict[str, int], dtype: np.dtype, *, split: str, where: str
+) -> np.ndarray:
+    ids = np.fromiter((index.get(t, -1) for t in tokens), dtype=np.int64, count=len(tokens))
+    missing = np.flatnonzero(ids < 0)
+    if missing.size:
+        pos = int(missing[0])
+        line = sum(1 for t in tokens[:pos] if t == EOS) + 1
+        raise DataError(
+            f"{split} split ({where}) line {line:,}: token {tokens[pos]!r} is not in the training vocabulary "
+            f"({missing.size:,} unknown tokens in all); valid/test may only use train words (rare words are <unk> "
+            "in the Mikolov preprocessing) - is the source the canonical preprocessed PTB?"
+        )
+    return ids.astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# dataset specs
+
+
+@dataclass(frozen=True)
+class Tokenised:
+    splits: dict[str, np.ndarray]
+    vocab: list[str]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    unit: Literal["char", "word"]
+    #: Members to fetch (basenames); ``None`` = the single file the source holds.
+    members: tuple[str | None, ...]
+    tokenise: Callable[[dict[str, bytes], dict[str, str], bool], Tokenised]
+    description: str
+
+    @property
+    def facts(self) -> SourceFacts:
+        return CANONICAL_FACTS[self.name]
+
+    @property
+    def default_source(self) -> str:
+        return DEFAULT_SOURCES[self.name]
+
+
+def _key(member: str | None) -> str:
+    return member if member is not None else ""
+
+
+def _stream_tokeniser(kind: Literal["bytes", "text8"]) -> Callable[[dict[str, bytes], dict[str, str], bool], Tokenised]:
+    def tokenise(members: dict[str, bytes], where: dict[str, str], progress: bool) -> Tokenised:
+        (key,) = members
+        data = members[key]
+        if kind == "text8":
+            return Tokenised(split_by_fractions(text8_tokens(data, where[key]), where[key]), list(TEXT8_VOCAB))
+        return Tokenised(split_by_fractions(byte_tokens(data), where[key]), list(BYTE_VOCAB))
+
+    return tokenise
+
+
+def _lines_tokeniser(
+    files: dict[str, str], minimum: type[np.unsignedinteger]
+) -> Callable[[dict[str, bytes], dict[str, str], bool], Tokenised]:
+    def tokenise(members: dict[str, bytes], where: dict[str, str], progress: bool) -> Tokenised:
+        texts: dict[str, list[str]] = {}
+        for split in SPLITS:
+            member = files[split]
+            try:
+                text = members[member].decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{where[member]} is not UTF-8 text ({err}); is this the right file?") from err
+            texts[split] = line_tokens(text, progress=progress, desc=f"tokenise {member}")
+        vocab = build_vocab(texts["train"])
+        index = {tok: i for i, tok in enumerate(vocab)}
+        dtype = _id_dtype(len(vocab), minimum)
+        splits = {
+            split: encode_lines(toks, index, dtype, split=split, where=where[files[split]])
+            for split, toks in texts.items()
+        }
+        for split, arr in splits.items():
+            if arr.shape[0] < 2:
+                raise DataError(f"{where[files[split]]} holds {arr.shape[0]} tokens; a split needs at least 2")
+        return Tokenised(splits, vocab)
+
+    return tokenise
+
+
+_PTB_WORD = {s: f"ptb.{s}.txt" for s in SPLITS}
+_PTB_CHAR = {s: f"ptb.char.{s}.txt" for s in SPLITS}
+
+_SPECS: dict[str, DatasetSpec] = {
+    "enwik8": DatasetSpec(
+        "enwik8", "char", ("enwik8",), _stream_tokeniser("bytes"), "Hutter prize enwik8: 10^8 bytes of Wikipedia XML"
+    ),
+    "text8": DatasetSpec(
+        "text8", "char", ("text8",), _stream_tokeniser("text8"), "text8: 10^8 characters of cleaned Wikipedia, a-z and space"
+    ),
+    "ptb_word": DatasetSpec(
+        "ptb_word", "word", tuple(_PTB_WORD.values()), _lines_tokeniser(_PTB_WORD, np.uint16),
+        "Penn Treebank, Mikolov preprocessing, word level (10k vocabulary)",
+    ),
+    "ptb_char": DatasetSpec(
+        "ptb_char", "char", tuple(_PTB_CHAR.values()), _lines_tokeniser(_PTB_CHAR, np.uint8),
+        "Penn Treebank, Mikolov preprocessing, character level (50 symbols incl. <eos>)",
+    ),
+    "text": DatasetSpec(
+        "text", "char", (None,), _stream_tokeniser("bytes"), "any text file (optionally gzipped), one token per byte"
+    ),
+}
+assert tuple(_SPECS) == DATASETS
+
+
+def get_spec(name: str) -> DatasetSpec:
+    """The spec of dataset ``name``; :class:`DataError` listing the valid names otherwise."""
+    try:
+        return _SPECS[name]
+    except (KeyError, TypeError):
+        raise DataError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}") from None

@@ -1,0 +1,310 @@
+"""The data stage: fetch, verify, tokenise and write a dataset folder - atomically and idempotently.
+
+Output folder layout::
+
+    output_dir/
+        train.npy  valid.npy  test.npy   # 1-D token ids (np.save; uint8 or uint16), mmap-loadable
+        vocab.json                       # JSON list of token strings, index == id
+        manifest.json                    # DatasetManifest: provenance, sizes and sha256 of every split
+
+The folder is built as a hidden sibling (``.<name>.tmp-*``) and moved into place with
+``os.replace`` only when complete, so a failure at any point leaves no partial output (and, with
+``force=True``, leaves the previous output untouched).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from pipeline.data.datasets import SPLITS, get_spec
+from pipeline.data.sources import DataError, SourceFacts, fetch_source, normalize_source, sha256_file
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "VOCAB_NAME",
+    "SplitInfo",
+    "DatasetManifest",
+    "prepare_dataset",
+    "load_manifest",
+    "load_tokens",
+    "load_vocab",
+    "verify_prepared",
+]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+VOCAB_NAME = "vocab.json"
+
+
+class SplitInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    file: str
+    num_tokens: int
+    dtype: str
+    sha256: str
+
+
+class DatasetManifest(BaseModel):
+    """What a prepared dataset folder holds and where it came from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    unit: Literal["char", "word"]  # char -> report bits per character, word -> perplexity
+    source: str  # as requested; local paths made absolute
+    source_sha256: str | None  # sha256 of the fetched file; None for a directory / URL prefix source
+    vocab_size: int
+    splits: dict[str, SplitInfo]
+    format_version: int
+    created_at: str  # ISO 8601, UTC
+
+
+_REBUILD_HINT = "rebuild it with prepare_dataset(..., force=True) / `--force`, or delete {dir}"
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def load_manifest(output_dir: str | os.PathLike[str]) -> DatasetManifest:
+    """The manifest of a prepared folder; :class:`DataError` if missing or invalid."""
+    out = Path(output_dir)
+    path = out / MANIFEST_NAME
+    if not path.is_file():
+        raise DataError(
+            f"{out} is not a prepared dataset ({MANIFEST_NAME} not found); run the prepare stage "
+            "(prepare_dataset / `rlm-pipeline prepare`) first"
+        )
+    try:
+        manifest = DatasetManifest.model_validate_json(path.read_bytes())
+    except (ValidationError, ValueError, OSError) as err:
+        raise DataError(f"{path} is invalid ({err}); {_REBUILD_HINT.format(dir=out)}") from err
+    if manifest.format_version > FORMAT_VERSION:
+        raise DataError(
+            f"{path} has format version {manifest.format_version}, this code reads up to {FORMAT_VERSION}; "
+            f"update the code or {_REBUILD_HINT.format(dir=out)}"
+        )
+    return manifest
+
+
+def _split_info(manifest: DatasetManifest, split: str, out: Path) -> SplitInfo:
+    try:
+        return manifest.splits[split]
+    except KeyError:
+        raise DataError(f"{out} has no split {split!r}; it has: {', '.join(manifest.splits)}") from None
+
+
+def load_tokens(output_dir: str | os.PathLike[str], split: str, *, verify: bool = False) -> np.ndarray:
+    """A read-only memory map of ``split``'s token ids (checked against the manifest)."""
+    out = Path(output_dir)
+    manifest = load_manifest(out)
+    info = _split_info(manifest, split, out)
+    path = out / info.file
+    if not path.is_file():
+        raise DataError(f"{path} is missing; {_REBUILD_HINT.format(dir=out)}")
+    if verify:
+        _verify_split(path, info, out)
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise DataError(f"{path} cannot be read ({err}); {_REBUILD_HINT.format(dir=out)}") from err
+    if arr.ndim != 1 or arr.shape[0] != info.num_tokens or str(arr.dtype) != info.dtype:
+        raise DataError(
+            f"{path} holds {arr.dtype}{list(arr.shape)}, the manifest says {info.dtype}[{info.num_tokens}]; "
+            f"{_REBUILD_HINT.format(dir=out)}"
+        )
+    return arr
+
+
+def load_vocab(output_dir: str | os.PathLike[str]) -> list[str]:
+    """The vocabulary (index == token id)."""
+    out = Path(output_dir)
+    manifest = load_manifest(out)
+    path = out / VOCAB_NAME
+    try:
+        vocab = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing; {_REBUILD_HINT.format(dir=out)}") from None
+    except (ValueError, OSError) as err:
+        raise DataError(f"{path} is invalid ({err}); {_REBUILD_HINT.format(dir=out)}") from err
+    if not isinstance(vocab, list) or not all(isinstance(t, str) for t in vocab) or len(vocab) != manifest.vocab_size:
+        raise DataError(
+            f"{path} does not hold a list of {manifest.vocab_size} strings; {_REBUILD_HINT.format(dir=out)}"
+        )
+    return vocab
+
+
+def _verify_split(path: Path, info: SplitInfo, out: Path) -> None:
+    if not path.is_file():
+        raise DataError(f"{path} is missing; {_REBUILD_HINT.format(dir=out)}")
+    actual = sha256_file(path)
+    if actual != info.sha256:
+        raise DataError(
+            f"{path} is damaged: sha256 {actual} does not match the manifest's {info.sha256}; "
+            f"{_REBUILD_HINT.format(dir=out)}"
+        )
+
+
+def verify_prepared(output_dir: str | os.PathLike[str]) -> DatasetManifest:
+    """Recompute the sha256 of every split (and check the vocabulary); :class:`DataError` on mismatch."""
+    out = Path(output_dir)
+    manifest = load_manifest(out)
+    for split in SPLITS:
+        _split_info(manifest, split, out)
+    for info in manifest.splits.values():
+        _verify_split(out / info.file, info, out)
+    load_vocab(out)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+
+def _existing(out: Path, name: str, source: str, force: bool) -> DatasetManifest | None:
+    """The verified manifest to reuse, or None to build; raises when ``out`` must not be touched."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise DataError(f"output path {out} exists and is not a directory; remove it or choose another output_dir")
+    has_manifest = (out / MANIFEST_NAME).exists()
+    if not has_manifest:
+        if any(out.iterdir()):
+            raise DataError(
+                f"output_dir {out} is not empty and holds no {MANIFEST_NAME}: it is not a prepared dataset, so it is "
+                "left alone; choose a new / empty output_dir or delete it yourself"
+            )
+        return None
+    if force:
+        return None
+    manifest = load_manifest(out)
+    if manifest.name != name or manifest.source != source:
+        raise DataError(
+            f"{out} already holds dataset {manifest.name!r} prepared from {manifest.source}, but {name!r} from "
+            f"{source} was requested; choose another output_dir, or pass force=True / `--force` to replace it"
+        )
+    manifest = verify_prepared(out)
+    log.info("dataset %s in %s already prepared, verified", name, out)
+    return manifest
+
+
+def _write_folder(tmp: Path, name: str, unit: str, source: str, source_sha: str | None,
+                  splits: dict[str, np.ndarray], vocab: list[str]) -> DatasetManifest:
+    infos: dict[str, SplitInfo] = {}
+    for split in SPLITS:
+        arr = np.ascontiguousarray(splits[split])
+        fname = f"{split}.npy"
+        np.save(tmp / fname, arr, allow_pickle=False)
+        infos[split] = SplitInfo(
+            file=fname, num_tokens=int(arr.shape[0]), dtype=str(arr.dtype), sha256=sha256_file(tmp / fname)
+        )
+    (tmp / VOCAB_NAME).write_text(json.dumps(vocab, ensure_ascii=True), encoding="utf-8")
+    manifest = DatasetManifest(
+        name=name,
+        unit=unit,  # type: ignore[arg-type]
+        source=source,
+        source_sha256=source_sha,
+        vocab_size=len(vocab),
+        splits=infos,
+        format_version=FORMAT_VERSION,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    (tmp / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    return manifest
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    trash = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(out, trash)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(trash, out)
+        raise
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def prepare_dataset(
+    name: str,
+    source: str,
+    output_dir: str | os.PathLike[str],
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    verify_source: bool = True,
+    progress: bool = True,
+    expected: SourceFacts | None = None,
+) -> DatasetManifest:
+    """Fetch ``source``, verify it, tokenise it as dataset ``name`` and write ``output_dir``.
+
+    ``source``: an fsspec URL or local path of the archive / directory / text file (see
+    :mod:`pipeline.data.sources`; canonical URLs are in ``DEFAULT_SOURCES``).
+    ``cache_dir``: where remote downloads are kept (default ``<output_dir>/../.downloads``).
+    ``force``: rebuild even if ``output_dir`` already holds this dataset and verifies.
+    ``verify_source``: check the source against known size / sha256 facts (``False``: no checks,
+    for deliberately modified copies; the content checks of the tokenisers still apply).
+    ``expected``: the facts to check instead of the canonical ones in ``CANONICAL_FACTS`` (e.g. for
+    a mirror with a different archive, or the small archives the tests build).
+
+    Idempotent: if ``output_dir`` holds a manifest for the same dataset and source whose files
+    verify, nothing is rebuilt and that manifest is returned. A folder that does not verify, or
+    that holds another dataset, is a :class:`DataError` (fix: ``force=True`` or delete it).
+    """
+    spec = get_spec(name)
+    source_id = normalize_source(source)
+    out = Path(output_dir).expanduser().absolute()
+    existing = _existing(out, name, source_id, force)
+    if existing is not None:
+        return existing
+
+    cache = Path(cache_dir).expanduser().absolute() if cache_dir is not None else out.parent / ".downloads"
+    facts = (expected if expected is not None else spec.facts) if verify_source else None
+    log.info("preparing %s from %s", name, source_id)
+    fetched = fetch_source(source_id, list(spec.members), cache_dir=cache, facts=facts, progress=progress)
+    source_sha = fetched.sha256
+    tokenised = spec.tokenise(fetched.members, fetched.locations, progress)
+    del fetched
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the result should look like a plain mkdir
+        manifest = _write_folder(tmp, name, spec.unit, source_id, source_sha, tokenised.splits, tokenised.vocab)
+        if not force and (out / MANIFEST_NAME).exists():
+            # Someone else (another rank / process) finished first: keep theirs if it verifies.
+            theirs = _existing(out, name, source_id, force=False)
+            if theirs is not None:
+                return theirs
+        _move_into_place(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info(
+        "prepared %s in %s: %s", name, out,
+        ", ".join(f"{k} {v.num_tokens:,} tokens" for k, v in manifest.splits.items()),
+    )
+    return manifest

@@ -1,0 +1,83 @@
+"""End to end: the whole pipeline through the CLI on real PTB char with a tiny model, tracked in MLflow."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+
+import pytest
+import yaml
+
+from conftest import PTB_DIR, PYTHON, REPO, pipeline_env
+
+
+def _write_config(tmp_path, data_dir, **train_overrides):
+    config = yaml.safe_load((REPO / "pipeline" / "configs" / "ptb_char_tiny.yaml").read_text())
+    config["work_dir"] = str(tmp_path / "run")
+    config["data"]["dir"] = str(data_dir)
+    config["data"]["source"] = str(PTB_DIR)
+    config["tracking"] = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    config["train"].update(train_overrides)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_run_command_does_prepare_train_evaluate(tmp_path, ptb_char_dir):
+    config_path = _write_config(tmp_path, ptb_char_dir, max_steps=60, eval_every=20)
+    proc = subprocess.run(
+        [PYTHON, "-m", "pipeline", "run", "--config", str(config_path)],
+        cwd=tmp_path, env=pipeline_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_dir = tmp_path / "run"
+    results = json.loads((run_dir / "eval_results.json").read_text())
+    metrics = results["metrics"]
+    # A tiny model after 60 steps is far from good, but clearly better than uniform over 50 symbols
+    # (log2(50) = 5.64 bits); this run measured about 4.2.
+    assert metrics["valid_bpc"] < 4.7
+    assert metrics["test_bpc"] < 4.7
+    assert metrics["valid_bpc_tuned_temperature"] <= metrics["valid_bpc"] + 1e-9
+    assert 0.8 <= results["temperature"] <= 1.2
+    assert (run_dir / "final_model.pt").exists()
+    assert yaml.safe_load((run_dir / "resolved_config.yaml").read_text())["train"]["max_steps"] == 60
+
+    # Tracked in MLflow: params, per-evaluation metrics, final metrics, artifacts.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("ptb_char_tiny")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.max_steps"] == "60"
+    assert run.data.params["model.cell"] == "rlstm"
+    history = client.get_metric_history(run.info.run_id, "valid/reported_loss")
+    assert [m.step for m in history] == [20, 40, 60]
+    assert len(client.get_metric_history(run.info.run_id, "averaging/long_length")) == 3
+    assert "final/test_bpc" in run.data.metrics
+    assert math.isclose(run.data.metrics["final/test_bpc"], metrics["test_bpc"], rel_tol=1e-9)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "dataset_manifest.json", "eval_results.json", "model"} <= artifacts
+
+    # A second `run` is idempotent: the data verifies and is skipped, training resumes at its end.
+    proc = subprocess.run(
+        [PYTHON, "-m", "pipeline", "run", "--config", str(config_path)],
+        cwd=tmp_path, env=pipeline_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "already prepared" in proc.stderr
+    assert "resumed from" in proc.stderr
+
+
+def test_bad_config_fails_fast_with_the_field_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "x", "data": {"dataset": "ptb_char", "source": "y"}, "train": {"bptt": "long"}}))
+    proc = subprocess.run(
+        [PYTHON, "-m", "pipeline", "train", "--config", str(bad)],
+        cwd=tmp_path, env=pipeline_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "train.bptt" in proc.stderr
