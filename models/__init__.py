@@ -1,0 +1,21 @@
+"""Recurrent language models: LSTM / RLSTM cells, Mogrifier, residual LM, multi-sample objective."""
+
+from .cells import LSTMCell, RLSTMCell
+from .config import ModelConfig
+from .lm import LMState, RecurrentLM, count_parameters, detach_state
+from .mogrifier import Mogrifier, RecurrentLayer
+from .objectives import multi_sample_loss, multi_sample_nll
+
+__all__ = [
+    "ModelConfig",
+    "RecurrentLM",
+    "LMState",
+    "detach_state",
+    "count_parameters",
+    "LSTMCell",
+    "RLSTMCell",
+    "Mogrifier",
+    "RecurrentLayer",
+    "multi_sample_nll",
+    "multi_sample_loss",
+]

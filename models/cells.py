@@ -1,0 +1,220 @@
+"""Single-step recurrent cells: LSTM (thesis eq. 2.1) and Rewired LSTM (§4.1).
+
+Conventions shared by both cells
+--------------------------------
+* ``forward(x [B, m], h [B, n], c [B, n], state_mask=None) -> (h, c)``.
+* ``h`` is the previous output *as the cell should see it*: in a layer, the
+  variational state-dropout mask has already been applied to it (and it may
+  have been mogrified). The cells never mask ``h`` or ``c_prev`` themselves.
+* ``state_mask`` ([B, n] or None) is the layer's variational state-dropout mask.
+  It is only used where the cell equations use it internally: the RLSTM output
+  gate ``o = σ(W_oc (c ⊙ M_state) + b_o)`` (thesis §4.2). ``LSTMCell`` accepts
+  it for interface uniformity and ignores it.
+* For speed, a layer precomputes the input-dependent part of the gates for all
+  time steps with :meth:`input_projection` (one big matmul) and then calls the
+  step function returned by :meth:`make_step` once per time step;
+  ``forward`` is exactly ``make_step()(input_projection(x), h, c, state_mask)``.
+
+Initialisation: every weight and bias ~ U(-1/√n, 1/√n) (as ``torch.nn.LSTM``),
+except the forget-gate bias, which is Chrono-initialised
+``b_f ~ ln U(1, T_max - 1)`` when ``chrono_t_max`` is given and set to the
+constant ``forget_bias_init`` otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["LSTMCell", "RLSTMCell", "init_forget_bias"]
+
+StepFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], "tuple[Tensor, Tensor]"]
+
+
+def init_forget_bias(bias: Tensor, chrono_t_max: float | None, forget_bias_init: float) -> None:
+    """In-place forget-bias init: Chrono ``ln U(1, T_max-1)`` or a constant."""
+    with torch.no_grad():
+        if chrono_t_max is not None:
+            if not chrono_t_max > 2:
+                raise ValueError(f"chrono_t_max must be > 2, got {chrono_t_max}")
+            bias.uniform_(1.0, chrono_t_max - 1.0).log_()
+        else:
+            bias.fill_(forget_bias_init)
+
+
+def _cap(i: Tensor, f: Tensor) -> Tensor:
+    """``min(i, 1 - f)`` written as ``i - relu(i + f - 1)``: identical values, but its
+    backward is ~4x cheaper on CPU than ``torch.minimum``'s (which handles ties with
+    extra masks). At an exact tie the gradient goes to ``i`` only (a measure-zero set)."""
+    return i - (i + f - 1.0).relu()
+
+
+def _check_sizes(input_size: int, hidden_size: int) -> None:
+    if input_size <= 0 or hidden_size <= 0:
+        raise ValueError(f"input_size and hidden_size must be > 0, got {input_size}, {hidden_size}")
+
+
+class LSTMCell(nn.Module):
+    """LSTM cell (eq. 2.1), optionally with the input gate capped at ``1 - f``.
+
+    ``c = f ⊙ c_prev + min(i, 1 - f) ⊙ j`` if ``capped_input_gate`` else
+    ``c = f ⊙ c_prev + i ⊙ j``.
+
+    Parameters (gate blocks stacked in the order **i, f, o, j**, each ``n`` rows):
+    ``weight_ih`` [4n, m], ``weight_hh`` [4n, n], ``bias`` [4n].
+    """
+
+    GATE_ORDER = ("i", "f", "o", "j")
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        capped_input_gate: bool = True,
+        chrono_t_max: float | None = None,
+        forget_bias_init: float = 0.0,
+    ) -> None:
+        super().__init__()
+        _check_sizes(input_size, hidden_size)
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.capped_input_gate = capped_input_gate
+        self.weight_ih = nn.Parameter(torch.empty(4 * hidden_size, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(4 * hidden_size, hidden_size))
+        self.bias = nn.Parameter(torch.empty(4 * hidden_size))
+        self.reset_parameters(chrono_t_max, forget_bias_init)
+
+    def reset_parameters(self, chrono_t_max: float | None = None, forget_bias_init: float = 0.0) -> None:
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+        n = self.hidden_size
+        init_forget_bias(self.bias[n : 2 * n], chrono_t_max, forget_bias_init)
+
+    @property
+    def forget_bias(self) -> Tensor:
+        n = self.hidden_size
+        return self.bias[n : 2 * n]
+
+    def input_projection(self, x: Tensor) -> Tensor:
+        """``W_x x + b`` for all four gates: [..., m] -> [..., 4n]."""
+        if x.dim() == 2:
+            return torch.addmm(self.bias, x, self.weight_ih.t())
+        flat = x.reshape(-1, x.shape[-1])
+        return torch.addmm(self.bias, flat, self.weight_ih.t()).view(*x.shape[:-1], -1)
+
+    def make_step(self) -> StepFn:
+        """Step function ``(xproj [B,4n], h, c, state_mask) -> (h, c)`` with weights bound."""
+        w_hh_t = self.weight_hh.t()
+        n = self.hidden_size
+        capped = self.capped_input_gate
+        split_sizes = (3 * n, n)
+
+        def step(xproj: Tensor, h: Tensor, c: Tensor, state_mask: Tensor | None = None):
+            gates = torch.addmm(xproj, h, w_hh_t)
+            # split/chunk rather than slicing: one cat in backward instead of a
+            # zero-filled full-size gradient per slice.
+            ifo, j = gates.split(split_sizes, 1)
+            i, f, o = ifo.sigmoid().chunk(3, 1)
+            j = j.tanh()
+            if capped:
+                i = _cap(i, f)
+            c = torch.addcmul(f * c, i, j)
+            h = o * c.tanh()
+            return h, c
+
+        return step
+
+    def forward(self, x: Tensor, h: Tensor, c: Tensor, state_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.make_step()(self.input_projection(x), h, c, state_mask)
+
+    def extra_repr(self) -> str:
+        return f"{self.input_size}, {self.hidden_size}, capped_input_gate={self.capped_input_gate}"
+
+
+class RLSTMCell(nn.Module):
+    """Rewired LSTM cell (thesis §4.1)::
+
+        i = σ(W_ix x + W_ih h + b_i)
+        j = tanh(W_jx x + W_jh h + b_j)
+        f = σ(W_fu (i ⊙ j) + W_fh h + b_f)
+        c = f ⊙ c_prev + min(i, 1 - f) ⊙ j
+        o = σ(W_oc (c ⊙ M_state) + b_o)          (M_state = 1 when state_mask is None)
+        h = o ⊙ tanh(c)
+
+    Parameters: ``weight_ih`` [2n, m] (blocks i, j), ``weight_hh`` [3n, n]
+    (blocks i, j, f), ``bias`` [3n] (b_i, b_j, b_f), ``weight_fu`` [n, n],
+    ``weight_oc`` [n, n], ``bias_o`` [n].
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        chrono_t_max: float | None = None,
+        forget_bias_init: float = 0.0,
+    ) -> None:
+        super().__init__()
+        _check_sizes(input_size, hidden_size)
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        n = hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(2 * n, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(3 * n, n))
+        self.bias = nn.Parameter(torch.empty(3 * n))
+        self.weight_fu = nn.Parameter(torch.empty(n, n))
+        self.weight_oc = nn.Parameter(torch.empty(n, n))
+        self.bias_o = nn.Parameter(torch.empty(n))
+        self.reset_parameters(chrono_t_max, forget_bias_init)
+
+    def reset_parameters(self, chrono_t_max: float | None = None, forget_bias_init: float = 0.0) -> None:
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+        n = self.hidden_size
+        init_forget_bias(self.bias[2 * n :], chrono_t_max, forget_bias_init)
+
+    @property
+    def forget_bias(self) -> Tensor:
+        return self.bias[2 * self.hidden_size :]
+
+    def input_projection(self, x: Tensor) -> Tensor:
+        """``[W_ix x, W_jx x]`` (no bias; biases are added in the step): [..., m] -> [..., 2n]."""
+        if x.dim() == 2:
+            return torch.mm(x, self.weight_ih.t())
+        flat = x.reshape(-1, x.shape[-1])
+        return torch.mm(flat, self.weight_ih.t()).view(*x.shape[:-1], -1)
+
+    def make_step(self) -> StepFn:
+        """Step function ``(xproj [B,2n], h, c, state_mask) -> (h, c)`` with weights bound."""
+        n = self.hidden_size
+        w_hh_t = self.weight_hh.t()
+        w_fu_t = self.weight_fu.t()
+        w_oc_t = self.weight_oc.t()
+        bias = self.bias
+        bias_o = self.bias_o
+        split_sizes = (2 * n, n)
+
+        def step(xproj: Tensor, h: Tensor, c: Tensor, state_mask: Tensor | None = None):
+            g = torch.addmm(bias, h, w_hh_t)  # [B, 3n]: (W_ih h + b_i, W_jh h + b_j, W_fh h + b_f)
+            ij_h, f_h = g.split(split_sizes, 1)
+            i, j = (ij_h + xproj).chunk(2, 1)
+            i = i.sigmoid()
+            j = j.tanh()
+            f = torch.addmm(f_h, i * j, w_fu_t).sigmoid()
+            c = torch.addcmul(f * c, _cap(i, f), j)
+            cm = c if state_mask is None else c * state_mask
+            o = torch.addmm(bias_o, cm, w_oc_t).sigmoid()
+            h = o * c.tanh()
+            return h, c
+
+        return step
+
+    def forward(self, x: Tensor, h: Tensor, c: Tensor, state_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.make_step()(self.input_projection(x), h, c, state_mask)
+
+    def extra_repr(self) -> str:
+        return f"{self.input_size}, {self.hidden_size}"
