@@ -86,32 +86,48 @@ def _save_resolved(config: PipelineConfig) -> None:
 
 
 def run_stage(stage: str, config: PipelineConfig, *, force: bool = False) -> None:
-    """Run one stage (or ``run`` = all) on a validated config."""
-    from pipeline.tracking import open_tracker
+    """Run one stage (or ``run`` = all) on a validated config, on this rank of the job.
 
-    _save_resolved(config)
-    if stage in ("prepare", "run"):
-        from pipeline.prepare_stage import run_prepare
+    Under ``torchrun`` every rank calls this: data is prepared by the first rank of each node (the
+    others wait), every rank trains, only rank 0 talks to MLflow and evaluates.
+    """
+    from pipeline.distributed import barrier, init_distributed, shutdown
+    from pipeline.tracking import Tracker, open_tracker
 
-        run_prepare(config, force=force)
-    if stage == "prepare":
-        return
-    tracker = open_tracker(config)
-    tracker.log_config(config)
-    status = "FAILED"
+    ctx = init_distributed(config.train.device) if stage in ("train", "run") else init_distributed("cpu")
+    failed = True
     try:
-        if stage in ("train", "run"):
-            from pipeline.train import run_train
+        if ctx.is_main:
+            _save_resolved(config)
+        if stage in ("prepare", "run"):
+            from pipeline.prepare_stage import run_prepare
 
-            run_train(config, tracker)
-        if stage in ("evaluate", "run"):
-            from pipeline.evaluate import run_evaluate
+            if ctx.local_rank == 0:
+                run_prepare(config, force=force)
+            barrier(ctx)
+        if stage == "prepare":
+            failed = False
+            return
+        tracker = open_tracker(config) if ctx.is_main else Tracker(config, enabled=False)
+        tracker.log_config(config)
+        tracker.set_tags({"world_size": ctx.world_size, "engine": config.train.engine})
+        status = "FAILED"
+        try:
+            if stage in ("train", "run"):
+                from pipeline.train import run_train
 
-            run_evaluate(config, tracker)
-        status = "FINISHED"
+                run_train(config, tracker, ctx)
+            if stage in ("evaluate", "run") and ctx.is_main:
+                from pipeline.evaluate import run_evaluate
+
+                run_evaluate(config, tracker)
+            status = "FINISHED"
+        finally:
+            if stage in ("evaluate", "run") or status == "FAILED":
+                tracker.finish(status)
+        failed = False
     finally:
-        if stage in ("evaluate", "run") or status == "FAILED":
-            tracker.finish(status)
+        shutdown(ctx, failed=failed)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,6 +20,7 @@ from models.config import ModelConfig
 
 __all__ = [
     "AveragingConfig",
+    "CheckpointConfig",
     "ConfigError",
     "DataConfig",
     "EvaluateConfig",
@@ -104,8 +105,6 @@ class TrainConfig(_Strict):
         default=None, gt=0, description="Validation tokens used by evaluations during training; null = all."
     )
     eval_batch_size: int = Field(default=64, gt=0, description="Batch size of evaluations during training.")
-    checkpoint_every: int | None = Field(default=None, gt=0, description="Steps between checkpoints; default eval_every.")
-    keep_checkpoints: int = Field(default=2, ge=1, description="How many most recent checkpoints to keep.")
     log_every: int = Field(default=50, gt=0, description="Steps between training-loss log lines.")
     seed: int = Field(default=0, description="Seed of parameter init and dropout masks.")
     divergence_lr_decay: float = Field(
@@ -115,9 +114,32 @@ class TrainConfig(_Strict):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     averaging: AveragingConfig = Field(default_factory=AveragingConfig)
 
-    @property
-    def checkpoint_interval(self) -> int:
-        return self.checkpoint_every or self.eval_every
+    engine: Literal["ddp", "deepspeed"] = Field(
+        default="ddp", description="ddp: torch DDP under torchrun (or a single process); deepspeed: a DeepSpeed engine."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto picks CUDA when available.")
+    precision: Literal["fp32", "bf16"] = Field(default="fp32", description="bf16: autocast on GPU (fp32 weights).")
+    grad_accum_steps: int = Field(
+        default=1, ge=1, description="Split each rank's batch into this many micro-batches (same global batch and lr)."
+    )
+    zero_stage: Literal[1, 2] = Field(default=1, description="deepspeed: ZeRO stage (optimizer / + gradient sharding).")
+
+
+class CheckpointConfig(_Strict):
+    """Where and how often checkpoints are committed."""
+
+    url: str | None = Field(
+        default=None, description="fsspec URL (local path, s3://bucket/prefix, memory://); default <work_dir>/checkpoints."
+    )
+    every: int | None = Field(default=None, gt=0, description="Steps between checkpoints; default train.eval_every.")
+    keep_last: int = Field(default=2, ge=1, description="Keep this many newest committed checkpoints ...")
+    keep_best: bool = Field(default=True, description="... plus the one with the best reported validation loss.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options (e.g. {client_kwargs: {endpoint_url: ...}}); no secrets here."
+    )
+    retry_attempts: int = Field(default=5, ge=1, description="Tries per save / read against flaky storage.")
+    retry_base_delay: float = Field(default=1.0, ge=0, description="First backoff delay in seconds (doubles each try).")
+    retry_max_delay: float = Field(default=30.0, ge=0, description="Longest backoff delay in seconds.")
 
 
 class TemperatureScan(_Strict):
@@ -159,12 +181,10 @@ class PipelineConfig(_Strict):
 
     name: str = Field(description="Experiment name (used for the work dir and the MLflow experiment).")
     work_dir: str | None = Field(default=None, description="Local folder for this run; default runs/<name>.")
-    checkpoint_dir: str | None = Field(
-        default=None, description="fsspec URL for checkpoints (local path, s3://, memory://); default <work_dir>/checkpoints."
-    )
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
@@ -187,7 +207,11 @@ class PipelineConfig(_Strict):
 
     @property
     def checkpoint_url(self) -> str:
-        return self.checkpoint_dir or str(self.run_dir / "checkpoints")
+        return self.checkpoint.url or str(self.run_dir / "checkpoints")
+
+    @property
+    def checkpoint_interval(self) -> int:
+        return self.checkpoint.every or self.train.eval_every
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -268,7 +292,7 @@ def flatten_config(config: BaseModel | dict[str, Any], prefix: str = "") -> dict
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
+        if isinstance(value, dict) and value:
             flat.update(flatten_config(value, prefix=f"{dotted}."))
         else:
             flat[dotted] = value

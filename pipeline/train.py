@@ -1,22 +1,29 @@
 """The ``train`` stage: truncated BPTT with Two-Tailed Averaging, checkpoints and divergence recovery.
 
-The loop (one optimizer step per BPTT window of contiguous batch stripes, hidden state carried
-across windows):
+Runs as one process or data-parallel under ``torchrun`` (DDP: NCCL on GPU, gloo on CPU). Each rank
+reads its own contiguous block of batch stripes (``BatchStream(rank, world_size)``), so the global
+batch, the mean loss and hence the learning-rate semantics are those of a single process.
 
-1. multi-sample dropout objective (thesis §4.3) + optional L2 penalty, backward, clip the
-   gradient norm;
-2. a non-finite loss or gradient norm reloads the last committed checkpoint and multiplies the
-   learning rate by ``divergence_lr_decay`` (thesis §4.4);
-3. optimizer step, then ``averager.update()`` (2TA adds the new weights to both averages);
-4. every ``eval_every`` steps the averager evaluates raw / short / long weights on validation and
-   adapts (thesis Algorithm 2); every ``checkpoint_interval`` steps a checkpoint is committed.
+The loop (one optimizer step per BPTT window, hidden state carried across windows):
+
+1. per micro-batch (``grad_accum_steps`` slices of the rank's stripes): multi-sample dropout
+   objective (thesis §4.3) + optional L2 penalty, backward (DDP syncs on the last micro-batch);
+2. clip the gradient norm; a non-finite loss or gradient norm (the same decision on every rank)
+   reloads the last committed checkpoint and multiplies the learning rate by
+   ``divergence_lr_decay`` (thesis §4.4);
+3. optimizer step, then ``averager.update()`` (2TA adds the new weights to both averages; the
+   weights are identical on all ranks, so are the averages);
+4. every ``eval_every`` steps the averager evaluates raw / short / long weights on validation (each
+   rank scores a shard, the sums are all-reduced: one consistent decision) and adapts (thesis
+   Algorithm 2); every ``checkpoint_interval`` steps a checkpoint is committed (DCP through fsspec).
 
 Everything needed to continue bit-exactly is checkpointed: model, optimizer, averager, data
-position, carried hidden state, RNG state, learning-rate scale and step.
+position, per-rank carried hidden state and RNG state, learning-rate scale and step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -25,7 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from models import ModelConfig, RecurrentLM, detach_state, multi_sample_loss
 from pipeline.averaging import (
@@ -35,12 +44,21 @@ from pipeline.averaging import (
     TailAveraging,
     TwoTailedAveraging,
 )
-from pipeline.checkpoint import CheckpointStore
+from pipeline.checkpoint import DCPCheckpointer, RetryPolicy
 from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.data import BatchStream, DatasetManifest, load_manifest, load_tokens
+from pipeline.distributed import DistContext, all_reduce_sum
 from pipeline.evaluate import FINAL_MODEL_FILE, bits_per_token, evaluate_nll, save_final_model
 
-__all__ = ["TrainingDiverged", "Trainer", "TrainResult", "build_averager", "build_optimizer", "run_train"]
+__all__ = [
+    "TrainingDiverged",
+    "Trainer",
+    "TrainResult",
+    "build_averager",
+    "build_optimizer",
+    "memory_report",
+    "run_train",
+]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +99,28 @@ def model_config_for(config: PipelineConfig, manifest: DatasetManifest) -> Model
     return config.model.model_copy(update={"vocab_size": manifest.vocab_size})
 
 
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def memory_report(model: torch.nn.Module, optimizer: torch.optim.Optimizer, averager: Any) -> dict[str, float]:
+    """MiB held by parameters, optimizer state and weight averages on this rank (+ CUDA peak)."""
+    optim_tensors = [v for state in optimizer.state.values() for v in state.values()]
+    avg_tensors = [v for v in averager.state_dict().values() if isinstance(v, torch.Tensor)]
+    for value in averager.state_dict().values():
+        if isinstance(value, (list, tuple)):
+            avg_tensors += [t for t in value if isinstance(t, torch.Tensor)]
+    mib = 1024.0**2
+    report = {
+        "params_mib": _tensor_bytes(model.parameters()) / mib,
+        "optimizer_mib": _tensor_bytes(optim_tensors) / mib,
+        "averages_mib": _tensor_bytes(avg_tensors) / mib,
+    }
+    if torch.cuda.is_available() and next(model.parameters()).is_cuda:
+        report["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / mib
+    return report
+
+
 @dataclass
 class TrainResult:
     step: int
@@ -90,94 +130,191 @@ class TrainResult:
     model_path: Path
 
 
-class Trainer:
-    """Single-process trainer; owns the model, optimizer, averager, data stream and checkpoints."""
+def _shard(tokens: np.ndarray, ctx: DistContext, limit: int | None) -> np.ndarray:
+    """This rank's contiguous share of the (first ``limit``) validation tokens."""
+    if limit is not None:
+        tokens = tokens[: limit + 1]
+    bounds = np.linspace(0, len(tokens), ctx.world_size + 1).astype(np.int64)
+    return tokens[bounds[ctx.rank] : bounds[ctx.rank + 1]]
 
-    def __init__(self, config: PipelineConfig, tracker=None) -> None:
+
+class Trainer:
+    """Owns the model, optimizer, averager, data stream and checkpoints of one rank."""
+
+    def __init__(self, config: PipelineConfig, tracker=None, ctx: DistContext | None = None) -> None:
         self.config = config
         self.tracker = tracker
-        self.train_cfg = config.train
+        self.ctx = ctx or DistContext()
+        self.train_cfg = cfg = config.train
+        if cfg.engine != "ddp":
+            raise ValueError(f"train.engine {cfg.engine!r} is not handled by this trainer; use pipeline.train.run_train")
+        self.device = self.ctx.device
+        if cfg.precision == "bf16" and self.device.type != "cuda":
+            raise ValueError("train.precision bf16 needs a GPU (autocast on CUDA); use fp32 on CPU")
+        local_batch, rest = divmod(cfg.batch_size, self.ctx.world_size)
+        if rest:
+            raise ValueError(
+                f"train.batch_size {cfg.batch_size} is not divisible by the {self.ctx.world_size} ranks of this job"
+            )
+        if local_batch % cfg.grad_accum_steps:
+            raise ValueError(
+                f"each rank's batch ({local_batch} stripes) must be divisible by train.grad_accum_steps "
+                f"({cfg.grad_accum_steps})"
+            )
+        self.micro_batch = local_batch // cfg.grad_accum_steps
         self.manifest = load_manifest(config.data_dir)
         self.model_config = model_config_for(config, self.manifest)
-        torch.manual_seed(self.train_cfg.seed)
-        self.model = RecurrentLM(self.model_config)
-        self.optimizer = build_optimizer(self.model, self.train_cfg)
-        self.averager = build_averager(self.model, self.train_cfg)
-        self.stream = BatchStream(load_tokens(config.data_dir, "train"), self.train_cfg.batch_size, self.train_cfg.bptt)
-        self.valid_tokens = load_tokens(config.data_dir, "valid")
-        self.store = CheckpointStore(config.checkpoint_url)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.model = RecurrentLM(self.model_config).to(self.device)
+        if self.ctx.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward_module: torch.nn.Module = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        else:
+            self.forward_module = self.model
+        # Different dropout masks per rank, reproducible per (seed, rank).
+        torch.manual_seed(cfg.seed + 1_000_003 * self.ctx.rank)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.averager = build_averager(self.model, cfg)
+        self.stream = BatchStream(
+            load_tokens(config.data_dir, "train"), cfg.batch_size, cfg.bptt, rank=self.ctx.rank,
+            world_size=self.ctx.world_size,
+        )
+        self.valid_shard = _shard(load_tokens(config.data_dir, "valid"), self.ctx, cfg.eval_tokens)
+        ck = config.checkpoint
+        self.checkpointer = DCPCheckpointer.open(
+            config.checkpoint_url, self.ctx, storage_options=ck.storage_options,
+            retry=RetryPolicy(ck.retry_attempts, ck.retry_base_delay, ck.retry_max_delay),
+        )
         self.step = 0
         self.lr_scale = 1.0
         self.divergence_restarts = 0
         self.tokens_seen = 0
         self.last_report: AveragingReport | None = None
-        self.state = None  # carried hidden state, batch = dropout_samples * batch_size
+        self.states: list | None = None  # carried hidden state per micro-batch, rows = D * micro_batch
         config.run_dir.mkdir(parents=True, exist_ok=True)
         self.train_log = config.run_dir / TRAIN_LOG_FILE
 
     # ----------------------------------------------------------------------------- state
 
-    def state_dict(self) -> dict[str, Any]:
+    def _autocast(self):
+        if self.train_cfg.precision == "bf16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _dcp_state(self) -> dict[str, Any]:
+        """What every rank holds identically (DCP writes it once): model, optimizer, averages, progress."""
+        with_optim = bool(self.optimizer.state) or self.step > 0
+        if with_optim:
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=StateDictOptions())
+        else:  # a fresh optimizer has no state yet; get_state_dict would create it with a dummy step
+            model_sd, optim_sd = self.model.state_dict(), {}
         return {
-            "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_sd,
+            "optimizer": optim_sd,
             "averager": self.averager.state_dict(),
-            "stream": self.stream.state_dict(),
-            "hidden": None if self.state is None else [t.clone() for pair in self.state for t in pair],
-            "rng": torch.get_rng_state(),
-            "lr_scale": self.lr_scale,
-            "divergence_restarts": self.divergence_restarts,
-            "tokens_seen": self.tokens_seen,
-            "last_report": None if self.last_report is None else vars(self.last_report).copy(),
+            "progress": {
+                "step": self.step,
+                "stream": self.stream.state_dict(),
+                "lr_scale": self.lr_scale,
+                "divergence_restarts": self.divergence_restarts,
+                "tokens_seen": self.tokens_seen,
+                "last_report": None if self.last_report is None else json.dumps(vars(self.last_report)),
+            },
         }
 
-    def load_state_dict(self, state: dict[str, Any], *, keep_lr_scale: bool = False) -> None:
-        self.step = state["step"]
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.averager.load_state_dict(state["averager"])
-        self.stream.load_state_dict(state["stream"])
-        hidden = state["hidden"]
-        self.state = None if hidden is None else [(hidden[i], hidden[i + 1]) for i in range(0, len(hidden), 2)]
-        torch.set_rng_state(state["rng"])
+    def _per_rank_state(self) -> dict[str, Any]:
+        hidden = None
+        if self.states is not None:
+            hidden = [[t.detach().cpu().clone() for pair in state for t in pair] for state in self.states]
+        state = {"rng": torch.get_rng_state(), "hidden": hidden, "rank": self.ctx.rank}
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def save_checkpoint(self) -> None:
+        meta = {"step": self.step, "loss": None if self.last_report is None else self.last_report.loss,
+                "engine": "ddp", "time": time.time()}
+        saved = self.checkpointer.save(self.step, self._dcp_state(), self._per_rank_state(), meta)
+        if saved is not None and self.ctx.is_main:
+            self.checkpointer.storage.prune(self.config.checkpoint.keep_last, self.config.checkpoint.keep_best)
+
+    def restore_latest(self, *, keep_lr_scale: bool = False) -> int | None:
+        """Load the newest committed checkpoint (all ranks the same). Returns its step, or None."""
+        template = self._dcp_state_template()
+        found = self.checkpointer.load_latest(template)
+        if found is None:
+            return None
+        info, per_rank = found
+        if template["optimizer"]:
+            set_state_dict(self.model, self.optimizer, model_state_dict=template["model"],
+                           optim_state_dict=template["optimizer"])
+        else:
+            self.model.load_state_dict(template["model"])
+            self.optimizer = build_optimizer(self.model, self.train_cfg)  # back to a fresh optimizer
+        self.averager.load_state_dict(template["averager"])
+        progress = template["progress"]
+        self.step = int(progress["step"])
+        self.stream.load_state_dict(progress["stream"])
+        self.tokens_seen = int(progress["tokens_seen"])
         if not keep_lr_scale:
-            self.lr_scale = state["lr_scale"]
-            self.divergence_restarts = state["divergence_restarts"]
-        self.tokens_seen = state["tokens_seen"]
-        self.last_report = None if state["last_report"] is None else AveragingReport(**state["last_report"])
+            self.lr_scale = float(progress["lr_scale"])
+            self.divergence_restarts = int(progress["divergence_restarts"])
+        report = progress["last_report"]
+        self.last_report = None if report is None else AveragingReport(**json.loads(report))
+        torch.set_rng_state(per_rank["rng"])
+        if "cuda_rng" in per_rank and self.device.type == "cuda":
+            torch.cuda.set_rng_state(per_rank["cuda_rng"], self.device)
+        hidden = per_rank["hidden"]
+        self.states = None if hidden is None else [
+            [(h[i].to(self.device), h[i + 1].to(self.device)) for i in range(0, len(h), 2)] for h in hidden
+        ]
         self._apply_lr()
+        return info.step
+
+    def _dcp_state_template(self) -> dict[str, Any]:
+        """A state of the right structure for DCP to load into (the checkpoint may have optimizer state)."""
+        latest = self.checkpointer.storage.latest() if self.ctx.is_main else None
+        from pipeline.distributed import broadcast_object
+
+        latest = broadcast_object(self.ctx, latest)
+        saved_step = latest.step if latest is not None else 0
+        state = self._dcp_state()
+        if saved_step > 0 and not state["optimizer"]:
+            _, state["optimizer"] = get_state_dict(self.model, self.optimizer, options=StateDictOptions())
+        return state
 
     def _apply_lr(self) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = self.train_cfg.optimizer.lr * self.lr_scale
 
-    def save_checkpoint(self) -> None:
-        self.store.save(self.step, self.state_dict())
-        self.store.prune(self.train_cfg.keep_checkpoints)
-
     def resume(self) -> bool:
         """Continue from the newest committed checkpoint, if any. Returns whether it resumed."""
-        found = self.store.load_latest()
-        if found is None:
+        step = self.restore_latest()
+        if step is None:
             return False
-        step, state = found
-        self.load_state_dict(state)
-        log.info("resumed from %s/step-%08d", self.store.url, step)
+        if self.ctx.is_main:
+            log.info("resumed from %s at step %d", self.checkpointer.storage.url, step)
         return True
 
     # ----------------------------------------------------------------------------- loop
 
     def _validation_loss(self) -> float:
-        (nll,), _ = evaluate_nll(
-            self.model, self.valid_tokens, batch_size=self.train_cfg.eval_batch_size, bptt=self.config.evaluate.bptt,
-            max_tokens=self.train_cfg.eval_tokens,
-        )
-        return nll
+        nll, count = 0.0, 0
+        if len(self.valid_shard) > 1:
+            (nll,), count = evaluate_nll(
+                self.model, self.valid_shard, batch_size=max(1, self.train_cfg.eval_batch_size // self.ctx.world_size),
+                bptt=self.config.evaluate.bptt,
+            )
+        total, n = all_reduce_sum(self.ctx, [nll * count, float(count)])
+        return total / n
 
     def _log_line(self, record: dict[str, Any]) -> None:
-        with self.train_log.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.ctx.is_main:
+            with self.train_log.open("a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def _recover_from_divergence(self, loss: float, grad_norm: float) -> None:
         self.divergence_restarts += 1
@@ -187,15 +324,17 @@ class Trainer:
                 f"{self.divergence_restarts - 1} restarts; lower train.optimizer.lr or raise train.max_divergence_restarts"
             )
         self.lr_scale *= self.train_cfg.divergence_lr_decay
-        found = self.store.load_latest()
-        if found is None:
+        restarts, scale = self.divergence_restarts, self.lr_scale
+        step = self.restore_latest(keep_lr_scale=True)
+        if step is None:
             raise TrainingDiverged("loss went non-finite and there is no committed checkpoint to go back to")
-        step, state = found
-        self.load_state_dict(state, keep_lr_scale=True)
-        log.warning(
-            "non-finite loss (loss=%s, grad norm=%s): reloaded step %d, learning rate scaled to %.4g x (restart %d)",
-            loss, grad_norm, step, self.lr_scale, self.divergence_restarts,
-        )
+        self.divergence_restarts, self.lr_scale = restarts, scale
+        self._apply_lr()
+        if self.ctx.is_main:
+            log.warning(
+                "non-finite loss (loss=%s, grad norm=%s): reloaded step %d, learning rate scaled to %.4g x (restart %d)",
+                loss, grad_norm, step, self.lr_scale, self.divergence_restarts,
+            )
         if self.tracker is not None:
             self.tracker.log_metrics({"divergence_restarts": self.divergence_restarts, "lr": self._lr()}, step=self.step)
 
@@ -203,29 +342,47 @@ class Trainer:
         return self.optimizer.param_groups[0]["lr"]
 
     def train_step(self) -> tuple[float, float]:
-        """One optimizer step; returns (training loss in nats/token, gradient norm before clipping)."""
+        """One optimizer step; returns (mean training loss over all ranks in nats/token, gradient norm).
+
+        When either is non-finite the step is not applied (the caller recovers from the divergence).
+        """
         cfg = self.train_cfg
         batch = self.stream.next_batch()
-        rows = batch.inputs.shape[1] * cfg.dropout_samples
-        if self.state is None or batch.reset_state:
-            self.state = self.model.initial_state(rows)
+        inputs, targets = batch.inputs.to(self.device), batch.targets.to(self.device)
+        accum, micro = cfg.grad_accum_steps, self.micro_batch
+        if self.states is None or batch.reset_state:
+            self.states = [self.model.initial_state(micro * cfg.dropout_samples, device=self.device) for _ in range(accum)]
         self.model.train()
-        loss, new_state = multi_sample_loss(self.model, batch.inputs, batch.targets, self.state, cfg.dropout_samples)
-        objective = loss
-        if cfg.optimizer.l2_penalty > 0:
-            objective = objective + 0.5 * cfg.optimizer.l2_penalty * sum(p.pow(2).sum() for p in self.model.parameters())
         self.optimizer.zero_grad(set_to_none=True)
-        objective.backward()
+        losses, new_states = [], []
+        for m in range(accum):
+            cols = slice(m * micro, (m + 1) * micro)
+            sync = contextlib.nullcontext()
+            if m < accum - 1 and self.forward_module is not self.model:
+                sync = self.forward_module.no_sync()  # DDP all-reduces gradients on the last micro-batch only
+            with sync:
+                with self._autocast():
+                    loss, state = multi_sample_loss(
+                        self.forward_module, inputs[:, cols], targets[:, cols], self.states[m], cfg.dropout_samples
+                    )
+                objective = loss / accum
+                if cfg.optimizer.l2_penalty > 0:
+                    l2 = sum(p.pow(2).sum() for p in self.model.parameters())
+                    objective = objective + 0.5 * cfg.optimizer.l2_penalty * l2 / accum
+                objective.backward()
+            losses.append(loss.detach().float())
+            new_states.append(detach_state(state))
         max_norm = cfg.optimizer.clip_norm if cfg.optimizer.clip_norm is not None else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
-        loss_value = float(loss.detach())
+        local_loss = float(torch.stack(losses).mean())
+        loss_value = all_reduce_sum(self.ctx, [local_loss])[0] / self.ctx.world_size
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             return loss_value, grad_norm
         self.optimizer.step()
         self.averager.update()
-        self.state = detach_state(new_state)
+        self.states = new_states
         self.step += 1
-        self.tokens_seen += batch.targets.numel()
+        self.tokens_seen += batch.targets.numel() * self.ctx.world_size
         return loss_value, grad_norm
 
     def evaluate_and_adapt(self) -> AveragingReport:
@@ -238,6 +395,11 @@ class Trainer:
         if not self.resume():
             self._apply_lr()
             self.save_checkpoint()  # step 0: divergence recovery always has somewhere to go back to
+        memory = memory_report(self.model, self.optimizer, self.averager)
+        if self.tracker is not None:
+            self.tracker.log_metrics({f"memory/rank{self.ctx.rank}/{k}": v for k, v in memory.items()}, step=self.step)
+        if self.ctx.is_main:
+            log.info("memory on rank 0 (MiB): %s", {k: round(v, 1) for k, v in memory.items()})
         window_loss, window_steps, window_tokens = 0.0, 0, 0
         window_start = time.perf_counter()
         while self.step < cfg.max_steps:
@@ -250,29 +412,33 @@ class Trainer:
             self._log_line({"step": self.step, "loss": loss, "grad_norm": grad_norm, "lr": self._lr()})
             window_loss += loss
             window_steps += 1
-            window_tokens += cfg.batch_size * cfg.bptt
+            window_tokens += cfg.batch_size // self.ctx.world_size * cfg.bptt
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 elapsed = time.perf_counter() - window_start
+                # Throughput of every rank, summed: the job's tokens per second.
+                tokens_per_second = all_reduce_sum(self.ctx, [window_tokens / max(elapsed, 1e-9)])[0]
                 metrics = {
                     "train/loss": window_loss / window_steps,
                     "train/grad_norm": grad_norm,
                     "lr": self._lr(),
-                    "tokens_per_second": window_tokens / max(elapsed, 1e-9),
+                    "tokens_per_second": tokens_per_second,
                     "epoch": self.stream.epoch,
                 }
-                log.info("step %d  loss %.4f  lr %.3g  %.0f tok/s", self.step, metrics["train/loss"], metrics["lr"],
-                         metrics["tokens_per_second"])
+                if self.ctx.is_main:
+                    log.info("step %d  loss %.4f  lr %.3g  %.0f tok/s", self.step, metrics["train/loss"], metrics["lr"],
+                             tokens_per_second)
                 if self.tracker is not None:
                     self.tracker.log_metrics(metrics, step=self.step)
                 window_loss, window_steps, window_tokens = 0.0, 0, 0
                 window_start = time.perf_counter()
             if self.step % cfg.eval_every == 0:
                 eval_started = time.perf_counter()
-                report = self.evaluate_and_adapt()
-                self._report(report)
+                self._report(self.evaluate_and_adapt())
                 window_start += time.perf_counter() - eval_started  # keep tokens/s a training-only figure
-            if self.step % cfg.checkpoint_interval == 0 or self.step == cfg.max_steps:
+            if self.step % self.config.checkpoint_interval == 0 or self.step == cfg.max_steps:
+                ckpt_started = time.perf_counter()
                 self.save_checkpoint()
+                window_start += time.perf_counter() - ckpt_started
         return self.finish()
 
     def _report(self, report: AveragingReport) -> None:
@@ -281,6 +447,7 @@ class Trainer:
             "valid/reported_length": report.length,
             "averaging/short_length": report.short_length,
             "averaging/long_length": report.long_length,
+            "lr": self._lr(),
         }
         for name in ("raw", "short", "long"):
             value = getattr(report, f"{name}_loss")
@@ -288,38 +455,42 @@ class Trainer:
                 metrics[f"valid/{name}_loss"] = value
                 if self.manifest.unit == "char":
                     metrics[f"valid/{name}_bpc"] = bits_per_token(value)
-        log.info(
-            "eval @%d: reported %.4f (%s, length %d)  raw %s short %s long %s  S=%d L=%d  %s",
-            self.step, report.loss, report.source, report.length, report.raw_loss, report.short_loss,
-            report.long_loss, report.short_length, report.long_length, report.event,
-        )
+        if self.ctx.is_main:
+            log.info(
+                "eval @%d: reported %.4f (%s, length %d)  raw %s short %s long %s  S=%d L=%d  %s",
+                self.step, report.loss, report.source, report.length, report.raw_loss, report.short_loss,
+                report.long_loss, report.short_length, report.long_length, report.event,
+            )
         self._log_line({"step": self.step, "eval": vars(report)})
         if self.tracker is not None:
             self.tracker.log_metrics(metrics, step=self.step)
 
     def finish(self) -> TrainResult:
-        """Save the reported (2TA long-average, or raw while better) weights as the final model."""
+        """Save the reported (2TA long-average, or raw while better) weights as the final model (rank 0)."""
         path = self.config.run_dir / FINAL_MODEL_FILE
         report = self.last_report
-        with self.averager.reported_weights():
-            save_final_model(
-                path, self.model, self.model_config,
-                {"step": self.step, "weights": report.source if report else "raw",
-                 "averaging_length": report.length if report else 1,
-                 "dataset": self.manifest.name, "unit": self.manifest.unit},
-            )
-        if self.tracker is not None:
-            self.tracker.log_artifact(path, "model")
+        if self.ctx.is_main:
+            with self.averager.reported_weights():
+                save_final_model(
+                    path, self.model, self.model_config,
+                    {"step": self.step, "weights": report.source if report else "raw",
+                     "averaging_length": report.length if report else 1,
+                     "dataset": self.manifest.name, "unit": self.manifest.unit},
+                )
+            if self.tracker is not None:
+                self.tracker.log_artifact(path, "model")
         return TrainResult(
             step=self.step, reported_loss=report.loss if report else None, reported_source=report.source if report else None,
             divergence_restarts=self.divergence_restarts, model_path=path,
         )
 
 
-def run_train(config: PipelineConfig, tracker=None) -> TrainResult:
-    """The ``train`` stage."""
-    trainer = Trainer(config, tracker)
+def run_train(config: PipelineConfig, tracker=None, ctx: DistContext | None = None) -> TrainResult:
+    """The ``train`` stage on this rank."""
+    trainer = Trainer(config, tracker, ctx)
     if tracker is not None:
         tracker.log_dict(trainer.manifest.model_dump(mode="json"), "dataset_manifest.json")
         tracker.log_metrics({"model/parameters": sum(p.numel() for p in trainer.model.parameters())})
-    return trainer.train()
+    result = trainer.train()
+    del trainer  # drops the DDP wrapper, which holds the process group
+    return result

@@ -34,3 +34,37 @@ def ptb_char_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ptb_char") / "data"
     prepare_dataset("ptb_char", str(PTB_DIR), out, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API: the moto server on 127.0.0.1 (an ephemeral port), as s3fs's own tests use.
+
+    Yields the environment a client needs (endpoint and dummy credentials come from the
+    environment, never from code) with a fresh bucket ``checkpoints``.
+    """
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="checkpoints")
+    try:
+        yield env
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()

@@ -97,7 +97,8 @@ def test_flatten_config_names_every_leaf():
     flat = flatten_config(config)
     assert flat["train.optimizer.name"] == "radam"
     assert flat["data.source"] == "sample"
-    assert all(not isinstance(v, dict) for v in flat.values())
+    assert all(not isinstance(v, dict) or v == {} for v in flat.values())  # empty mappings are leaves
+    assert flat["checkpoint.storage_options"] == {}
 
 
 def test_paths_default_under_the_name(tmp_path):

@@ -24,7 +24,8 @@ def _config(tmp_path: Path, data_dir: Path, name: str) -> Path:
     config["data"]["dir"] = str(data_dir)
     config["data"]["source"] = str(PTB_DIR)
     config["tracking"] = {"enabled": False}
-    config["train"].update(max_steps=STEPS, eval_every=8, checkpoint_every=4, keep_checkpoints=2, eval_tokens=2000)
+    config["train"].update(max_steps=STEPS, eval_every=8, eval_tokens=2000)
+    config["checkpoint"] = {"every": 4, "keep_last": 2}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -74,7 +75,7 @@ def test_resume_after_kill_gives_identical_losses(tmp_path, ptb_char_dir):
         )
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and child.poll() is None:
-            done = [int(p.parent.name.split("-")[1]) for p in ckpt.glob("step-*/COMMITTED")]
+            done = [int(p.parent.name.split("-")[1].split(".")[0]) for p in ckpt.glob("step-*/.metadata")]
             if done and max(done) >= min_step:
                 break
             time.sleep(0.05)
@@ -123,8 +124,9 @@ def test_divergence_reloads_last_checkpoint_and_decays_lr(tmp_path, ptb_char_dir
     lrs = {l["step"]: l["lr"] for l in lines if "loss" in l}
     assert math.isclose(lrs[11], config.train.optimizer.lr * 0.9)
     # The resumed lr scale is checkpointed: a restart keeps the decayed learning rate.
-    state = trainer.store.load(trainer.store.latest_step())
-    assert math.isclose(state["lr_scale"], 0.9) and state["divergence_restarts"] == 1
+    fresh = Trainer(config)
+    assert fresh.resume() and fresh.step == STEPS
+    assert math.isclose(fresh.lr_scale, 0.9) and fresh.divergence_restarts == 1
 
 
 def test_divergence_gives_up_after_max_restarts(tmp_path, ptb_char_dir, monkeypatch):
@@ -133,6 +135,7 @@ def test_divergence_gives_up_after_max_restarts(tmp_path, ptb_char_dir, monkeypa
 
     config = load_config(_config(tmp_path, ptb_char_dir, "hopeless"))
     config.train.max_divergence_restarts = 2
+    config.checkpoint.retry_base_delay = 0.0
     monkeypatch.setattr(Trainer, "train_step", lambda self: (math.inf, 1.0))
     with pytest.raises(TrainingDiverged, match="max_divergence_restarts"):
         Trainer(config).train()
