@@ -3,6 +3,9 @@
 Runs as one process or data-parallel under ``torchrun`` (DDP: NCCL on GPU, gloo on CPU). Each rank
 reads its own contiguous block of batch stripes (``BatchStream(rank, world_size)``), so the global
 batch, the mean loss and hence the learning-rate semantics are those of a single process.
+``train.engine: deepspeed`` runs the same loop on a DeepSpeed engine (ZeRO stage 1 or 2, see
+:mod:`pipeline.deepspeed_engine`, which overrides the engine hooks of :class:`Trainer`);
+:func:`run_train` picks the trainer from the config.
 
 The loop (one optimizer step per BPTT window, hidden state carried across windows):
 
@@ -57,7 +60,9 @@ __all__ = [
     "build_averager",
     "build_optimizer",
     "memory_report",
+    "micro_batch_size",
     "run_train",
+    "trainer_class",
 ]
 
 log = logging.getLogger(__name__)
@@ -103,13 +108,21 @@ def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    """Every tensor inside nested dicts / lists / tuples."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for v in tree.values() for t in _tensors(v)]
+    if isinstance(tree, (list, tuple)):
+        return [t for v in tree for t in _tensors(v)]
+    return []
+
+
 def memory_report(model: torch.nn.Module, optimizer: torch.optim.Optimizer, averager: Any) -> dict[str, float]:
     """MiB held by parameters, optimizer state and weight averages on this rank (+ CUDA peak)."""
-    optim_tensors = [v for state in optimizer.state.values() for v in state.values()]
-    avg_tensors = [v for v in averager.state_dict().values() if isinstance(v, torch.Tensor)]
-    for value in averager.state_dict().values():
-        if isinstance(value, (list, tuple)):
-            avg_tensors += [t for t in value if isinstance(t, torch.Tensor)]
+    optim_tensors = _tensors(dict(optimizer.state))
+    avg_tensors = _tensors(averager.state_dict())
     mib = 1024.0**2
     report = {
         "params_mib": _tensor_bytes(model.parameters()) / mib,
@@ -130,6 +143,19 @@ class TrainResult:
     model_path: Path
 
 
+def micro_batch_size(train: TrainConfig, world_size: int) -> int:
+    """Stripes per micro-batch on each rank: ``batch_size = micro x grad_accum_steps x world_size``."""
+    local_batch, rest = divmod(train.batch_size, world_size)
+    if rest:
+        raise ValueError(f"train.batch_size {train.batch_size} is not divisible by the {world_size} ranks of this job")
+    if local_batch % train.grad_accum_steps:
+        raise ValueError(
+            f"each rank's batch ({local_batch} stripes) must be divisible by train.grad_accum_steps "
+            f"({train.grad_accum_steps})"
+        )
+    return local_batch // train.grad_accum_steps
+
+
 def _shard(tokens: np.ndarray, ctx: DistContext, limit: int | None) -> np.ndarray:
     """This rank's contiguous share of the (first ``limit``) validation tokens."""
     if limit is not None:
@@ -139,55 +165,44 @@ def _shard(tokens: np.ndarray, ctx: DistContext, limit: int | None) -> np.ndarra
 
 
 class Trainer:
-    """Owns the model, optimizer, averager, data stream and checkpoints of one rank."""
+    """Owns the model, optimizer, averager, data stream and checkpoints of one rank.
+
+    The DDP engine (and a single process). Engines differ only in a few hooks, which
+    :class:`pipeline.deepspeed_engine.DeepSpeedTrainer` overrides: ``_setup_engine`` (wrap the model,
+    build the optimizer), ``_open_checkpointer``, ``_autocast``, ``_zero_grad`` /
+    ``_accumulation_context`` / ``_backward`` / ``_gradient_norm`` / ``_optimizer_step`` (one
+    optimizer step over ``grad_accum_steps`` micro-batches), ``save_checkpoint`` / ``restore_latest``
+    (sharing ``_progress_state``, ``_per_rank_state``, ``_load_progress``, ``_load_per_rank_state``)
+    and ``close``.
+    """
+
+    engine_name = "ddp"
 
     def __init__(self, config: PipelineConfig, tracker=None, ctx: DistContext | None = None) -> None:
         self.config = config
         self.tracker = tracker
         self.ctx = ctx or DistContext()
         self.train_cfg = cfg = config.train
-        if cfg.engine != "ddp":
+        if cfg.engine != self.engine_name:
             raise ValueError(f"train.engine {cfg.engine!r} is not handled by this trainer; use pipeline.train.run_train")
         self.device = self.ctx.device
         if cfg.precision == "bf16" and self.device.type != "cuda":
             raise ValueError("train.precision bf16 needs a GPU (autocast on CUDA); use fp32 on CPU")
-        local_batch, rest = divmod(cfg.batch_size, self.ctx.world_size)
-        if rest:
-            raise ValueError(
-                f"train.batch_size {cfg.batch_size} is not divisible by the {self.ctx.world_size} ranks of this job"
-            )
-        if local_batch % cfg.grad_accum_steps:
-            raise ValueError(
-                f"each rank's batch ({local_batch} stripes) must be divisible by train.grad_accum_steps "
-                f"({cfg.grad_accum_steps})"
-            )
-        self.micro_batch = local_batch // cfg.grad_accum_steps
+        self.micro_batch = micro_batch_size(cfg, self.ctx.world_size)
         self.manifest = load_manifest(config.data_dir)
         self.model_config = model_config_for(config, self.manifest)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = RecurrentLM(self.model_config).to(self.device)
-        if self.ctx.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.forward_module: torch.nn.Module = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
-        else:
-            self.forward_module = self.model
-        # Different dropout masks per rank, reproducible per (seed, rank).
-        torch.manual_seed(cfg.seed + 1_000_003 * self.ctx.rank)
-        self.optimizer = build_optimizer(self.model, cfg)
+        self.forward_module: torch.nn.Module = self.model
+        self.optimizer: torch.optim.Optimizer
+        self._setup_engine()
         self.averager = build_averager(self.model, cfg)
         self.stream = BatchStream(
             load_tokens(config.data_dir, "train"), cfg.batch_size, cfg.bptt, rank=self.ctx.rank,
             world_size=self.ctx.world_size,
         )
         self.valid_shard = _shard(load_tokens(config.data_dir, "valid"), self.ctx, cfg.eval_tokens)
-        ck = config.checkpoint
-        self.checkpointer = DCPCheckpointer.open(
-            config.checkpoint_url, self.ctx, storage_options=ck.storage_options,
-            retry=RetryPolicy(ck.retry_attempts, ck.retry_base_delay, ck.retry_max_delay),
-        )
+        self.checkpointer = self._open_checkpointer()
         self.step = 0
         self.lr_scale = 1.0
         self.divergence_restarts = 0
@@ -196,6 +211,37 @@ class Trainer:
         self.states: list | None = None  # carried hidden state per micro-batch, rows = D * micro_batch
         config.run_dir.mkdir(parents=True, exist_ok=True)
         self.train_log = config.run_dir / TRAIN_LOG_FILE
+
+    # ----------------------------------------------------------------------------- engine hooks
+
+    def _seed_rank(self) -> None:
+        """Different dropout masks per rank, reproducible per (seed, rank)."""
+        torch.manual_seed(self.train_cfg.seed + 1_000_003 * self.ctx.rank)
+
+    def _setup_engine(self) -> None:
+        """Wrap ``self.model`` for training (``self.forward_module``) and build ``self.optimizer``."""
+        if self.ctx.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward_module = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self._seed_rank()
+        self.optimizer = build_optimizer(self.model, self.train_cfg)
+
+    def _retry_policy(self) -> RetryPolicy:
+        ck = self.config.checkpoint
+        return RetryPolicy(ck.retry_attempts, ck.retry_base_delay, ck.retry_max_delay)
+
+    def _open_checkpointer(self):
+        return DCPCheckpointer.open(
+            self.config.checkpoint_url, self.ctx, storage_options=self.config.checkpoint.storage_options,
+            retry=self._retry_policy(),
+        )
+
+    def close(self) -> None:
+        """Release what the engine holds (DDP's reducer holds the process group)."""
+        self.forward_module = self.model
 
     # ----------------------------------------------------------------------------- state
 
@@ -215,15 +261,38 @@ class Trainer:
             "model": model_sd,
             "optimizer": optim_sd,
             "averager": self.averager.state_dict(),
-            "progress": {
-                "step": self.step,
-                "stream": self.stream.state_dict(),
-                "lr_scale": self.lr_scale,
-                "divergence_restarts": self.divergence_restarts,
-                "tokens_seen": self.tokens_seen,
-                "last_report": None if self.last_report is None else json.dumps(vars(self.last_report)),
-            },
+            "progress": self._progress_state(),
         }
+
+    def _progress_state(self) -> dict[str, Any]:
+        """Where training stands (the same on every rank): step, data position, lr scale, last report."""
+        return {
+            "step": self.step,
+            "stream": self.stream.state_dict(),
+            "lr_scale": self.lr_scale,
+            "divergence_restarts": self.divergence_restarts,
+            "tokens_seen": self.tokens_seen,
+            "last_report": None if self.last_report is None else json.dumps(vars(self.last_report)),
+        }
+
+    def _load_progress(self, progress: dict[str, Any], *, keep_lr_scale: bool = False) -> None:
+        self.step = int(progress["step"])
+        self.stream.load_state_dict(progress["stream"])
+        self.tokens_seen = int(progress["tokens_seen"])
+        if not keep_lr_scale:
+            self.lr_scale = float(progress["lr_scale"])
+            self.divergence_restarts = int(progress["divergence_restarts"])
+        report = progress["last_report"]
+        self.last_report = None if report is None else AveragingReport(**json.loads(report))
+
+    def _load_per_rank_state(self, per_rank: dict[str, Any]) -> None:
+        torch.set_rng_state(per_rank["rng"])
+        if "cuda_rng" in per_rank and self.device.type == "cuda":
+            torch.cuda.set_rng_state(per_rank["cuda_rng"], self.device)
+        hidden = per_rank["hidden"]
+        self.states = None if hidden is None else [
+            [(h[i].to(self.device), h[i + 1].to(self.device)) for i in range(0, len(h), 2)] for h in hidden
+        ]
 
     def _per_rank_state(self) -> dict[str, Any]:
         hidden = None
@@ -236,7 +305,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         meta = {"step": self.step, "loss": None if self.last_report is None else self.last_report.loss,
-                "engine": "ddp", "time": time.time()}
+                "engine": self.engine_name, "time": time.time()}
         saved = self.checkpointer.save(self.step, self._dcp_state(), self._per_rank_state(), meta)
         if saved is not None and self.ctx.is_main:
             self.checkpointer.storage.prune(self.config.checkpoint.keep_last, self.config.checkpoint.keep_best)
@@ -255,22 +324,8 @@ class Trainer:
             self.model.load_state_dict(template["model"])
             self.optimizer = build_optimizer(self.model, self.train_cfg)  # back to a fresh optimizer
         self.averager.load_state_dict(template["averager"])
-        progress = template["progress"]
-        self.step = int(progress["step"])
-        self.stream.load_state_dict(progress["stream"])
-        self.tokens_seen = int(progress["tokens_seen"])
-        if not keep_lr_scale:
-            self.lr_scale = float(progress["lr_scale"])
-            self.divergence_restarts = int(progress["divergence_restarts"])
-        report = progress["last_report"]
-        self.last_report = None if report is None else AveragingReport(**json.loads(report))
-        torch.set_rng_state(per_rank["rng"])
-        if "cuda_rng" in per_rank and self.device.type == "cuda":
-            torch.cuda.set_rng_state(per_rank["cuda_rng"], self.device)
-        hidden = per_rank["hidden"]
-        self.states = None if hidden is None else [
-            [(h[i].to(self.device), h[i + 1].to(self.device)) for i in range(0, len(h), 2)] for h in hidden
-        ]
+        self._load_progress(template["progress"], keep_lr_scale=keep_lr_scale)
+        self._load_per_rank_state(per_rank)
         self._apply_lr()
         return info.step
 
@@ -341,6 +396,39 @@ class Trainer:
     def _lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    # One optimizer step over grad_accum_steps micro-batches: _zero_grad, then per micro-batch
+    # (inside _accumulation_context) forward + _backward(objective), then _gradient_norm and, when
+    # the loss and the norm are finite, _optimizer_step.
+
+    def _zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _accumulation_context(self, micro_step: int):
+        """DDP all-reduces gradients on the last micro-batch only."""
+        if micro_step < self.train_cfg.grad_accum_steps - 1 and self.forward_module is not self.model:
+            return self.forward_module.no_sync()
+        return contextlib.nullcontext()
+
+    def _objective(self, loss: torch.Tensor) -> torch.Tensor:
+        """What one micro-batch contributes to the step's gradient: its share of the mean loss (+ L2)."""
+        cfg, accum = self.train_cfg, self.train_cfg.grad_accum_steps
+        objective = loss / accum
+        if cfg.optimizer.l2_penalty > 0:
+            l2 = sum(p.pow(2).sum() for p in self.model.parameters())
+            objective = objective + 0.5 * cfg.optimizer.l2_penalty * l2 / accum
+        return objective
+
+    def _backward(self, objective: torch.Tensor) -> None:
+        objective.backward()
+
+    def _gradient_norm(self) -> float:
+        """Clip the accumulated gradient; returns its norm before clipping."""
+        clip = self.train_cfg.optimizer.clip_norm
+        return float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip is not None else math.inf))
+
+    def _optimizer_step(self) -> None:
+        self.optimizer.step()
+
     def train_step(self) -> tuple[float, float]:
         """One optimizer step; returns (mean training loss over all ranks in nats/token, gradient norm).
 
@@ -353,32 +441,24 @@ class Trainer:
         if self.states is None or batch.reset_state:
             self.states = [self.model.initial_state(micro * cfg.dropout_samples, device=self.device) for _ in range(accum)]
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
         losses, new_states = [], []
         for m in range(accum):
             cols = slice(m * micro, (m + 1) * micro)
-            sync = contextlib.nullcontext()
-            if m < accum - 1 and self.forward_module is not self.model:
-                sync = self.forward_module.no_sync()  # DDP all-reduces gradients on the last micro-batch only
-            with sync:
+            with self._accumulation_context(m):
                 with self._autocast():
                     loss, state = multi_sample_loss(
                         self.forward_module, inputs[:, cols], targets[:, cols], self.states[m], cfg.dropout_samples
                     )
-                objective = loss / accum
-                if cfg.optimizer.l2_penalty > 0:
-                    l2 = sum(p.pow(2).sum() for p in self.model.parameters())
-                    objective = objective + 0.5 * cfg.optimizer.l2_penalty * l2 / accum
-                objective.backward()
+                self._backward(self._objective(loss))
             losses.append(loss.detach().float())
             new_states.append(detach_state(state))
-        max_norm = cfg.optimizer.clip_norm if cfg.optimizer.clip_norm is not None else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        grad_norm = self._gradient_norm()
         local_loss = float(torch.stack(losses).mean())
         loss_value = all_reduce_sum(self.ctx, [local_loss])[0] / self.ctx.world_size
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             return loss_value, grad_norm
-        self.optimizer.step()
+        self._optimizer_step()
         self.averager.update()
         self.states = new_states
         self.step += 1
@@ -485,12 +565,24 @@ class Trainer:
         )
 
 
+def trainer_class(config: PipelineConfig) -> type[Trainer]:
+    """The trainer of ``config.train.engine``: DDP (this module) or DeepSpeed."""
+    if config.train.engine == "deepspeed":
+        from pipeline.deepspeed_engine import DeepSpeedTrainer
+
+        return DeepSpeedTrainer
+    return Trainer
+
+
 def run_train(config: PipelineConfig, tracker=None, ctx: DistContext | None = None) -> TrainResult:
-    """The ``train`` stage on this rank."""
-    trainer = Trainer(config, tracker, ctx)
-    if tracker is not None:
-        tracker.log_dict(trainer.manifest.model_dump(mode="json"), "dataset_manifest.json")
-        tracker.log_metrics({"model/parameters": sum(p.numel() for p in trainer.model.parameters())})
-    result = trainer.train()
-    del trainer  # drops the DDP wrapper, which holds the process group
+    """The ``train`` stage on this rank, with the engine the config chooses (``train.engine``)."""
+    trainer = trainer_class(config)(config, tracker, ctx)
+    try:
+        if tracker is not None:
+            tracker.log_dict(trainer.manifest.model_dump(mode="json"), "dataset_manifest.json")
+            tracker.log_metrics({"model/parameters": sum(p.numel() for p in trainer.model.parameters())})
+        result = trainer.train()
+    finally:
+        trainer.close()
+    del trainer  # drops the engine (DDP wrapper / DeepSpeed engine), which holds the process group
     return result

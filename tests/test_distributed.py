@@ -77,6 +77,21 @@ def _wait_for_checkpoint(prefix: str, min_step: int, proc: subprocess.Popen, tim
     return False
 
 
+def _descendants(pid: int) -> list[int]:
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(c) for c in children] + [g for c in children for g in _descendants(int(c))]
+
+
+def _kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every worker (workers may run in sessions of their own)."""
+    pids = [proc.pid] + _descendants(proc.pid)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, ptb_char_dir, s3_endpoint):
     """An uninterrupted 2-process run: its per-step losses are what every resumed run must reproduce."""
@@ -112,7 +127,7 @@ def test_kill_whole_job_and_resume_from_s3(reference, tmp_path, ptb_char_dir, s3
         proc = subprocess.Popen(_torchrun(config), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, start_new_session=True)
         if _wait_for_checkpoint(url, min_step, proc):
-            os.killpg(proc.pid, signal.SIGKILL)  # kill -9 of the launcher and both ranks at once
+            _kill_job(proc)  # kill -9 of the launcher and both ranks at once
             kills += 1
         proc.wait()
     assert kills >= 1
@@ -140,6 +155,11 @@ def test_kill_one_rank_then_restart_resumes_from_s3(reference, tmp_path, ptb_cha
     assert children, "no worker processes found"
     os.kill(int(children[-1]), signal.SIGKILL)
     assert proc.wait(timeout=300) != 0  # the job failed, as it should
+    for pid in children:  # torchrun stops the surviving rank; make sure nothing outlives the job
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc = subprocess.run(_torchrun(config), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resumed from" in proc.stderr

@@ -198,7 +198,11 @@ class CheckpointStorage:
         Only ever called after a new checkpoint committed, so the run always keeps its last committed
         checkpoint. Uncommitted leftovers older than the newest committed checkpoint are removed too.
         """
-        infos = self.list()
+        try:
+            infos = self.list()
+        except Exception as err:  # housekeeping must never fail training: try again after the next save
+            log.warning("could not list %s to prune old checkpoints (%s); will retry after the next save", self.url, err)
+            return
         committed = [i for i in infos if i.committed]
         keep = {i.name for i in committed[-keep_last:]}
         if keep_best and committed:
