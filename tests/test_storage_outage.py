@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from conftest import PTB_DIR, PYTHON, REPO, pipeline_env
-from pipeline.checkpoint import CheckpointError, DCPCheckpointer
+from pipeline.checkpoint import DCPCheckpointer
 
 STEPS = 48
 EVERY = 8  # checkpoint interval; a save takes ~0.2 s, 8 steps ~0.35 s on this machine
