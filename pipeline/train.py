@@ -50,7 +50,7 @@ from pipeline.averaging import (
 from pipeline.checkpoint import DCPCheckpointer, RetryPolicy
 from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.data import BatchStream, DatasetManifest, load_manifest, load_tokens
-from pipeline.distributed import DistContext, all_reduce_sum
+from pipeline.distributed import DistContext, all_reduce_sum, gather_objects
 from pipeline.evaluate import FINAL_MODEL_FILE, bits_per_token, evaluate_nll, save_final_model
 
 __all__ = [
@@ -475,11 +475,15 @@ class Trainer:
         if not self.resume():
             self._apply_lr()
             self.save_checkpoint()  # step 0: divergence recovery always has somewhere to go back to
-        memory = memory_report(self.model, self.optimizer, self.averager)
+        # Memory of every rank, gathered so that rank 0 (the only one talking to MLflow) reports all.
+        reports = gather_objects(self.ctx, memory_report(self.model, self.optimizer, self.averager))
         if self.tracker is not None:
-            self.tracker.log_metrics({f"memory/rank{self.ctx.rank}/{k}": v for k, v in memory.items()}, step=self.step)
+            self.tracker.log_metrics(
+                {f"memory/rank{r}/{k}": v for r, report in enumerate(reports) for k, v in report.items()}, step=self.step
+            )
         if self.ctx.is_main:
-            log.info("memory on rank 0 (MiB): %s", {k: round(v, 1) for k, v in memory.items()})
+            for r, report in enumerate(reports):
+                log.info("memory on rank %d (MiB): %s", r, {k: round(v, 1) for k, v in report.items()})
         window_loss, window_steps, window_tokens = 0.0, 0, 0
         window_start = time.perf_counter()
         while self.step < cfg.max_steps:

@@ -24,7 +24,7 @@ def _config(tmp_path: Path, data_dir: Path, name: str, checkpoint_url: str, **tr
     config["data"]["dir"] = str(data_dir)
     config["data"]["source"] = str(PTB_DIR)
     config["tracking"] = {"enabled": False}
-    config["train"].update(max_steps=STEPS, eval_every=8, eval_tokens=2000, device="cpu", **train)
+    config["train"].update({"max_steps": STEPS, "eval_every": 8, "eval_tokens": 2000, "device": "cpu", **train})
     config["checkpoint"] = {"url": checkpoint_url, "every": 4, "keep_last": 2, "retry_base_delay": 0.2}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -164,3 +164,27 @@ def test_kill_one_rank_then_restart_resumes_from_s3(reference, tmp_path, ptb_cha
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resumed from" in proc.stderr
     assert _losses(tmp_path / "run") == reference
+
+
+def test_only_rank_zero_talks_to_mlflow(tmp_path, ptb_char_dir, s3_endpoint):
+    """One MLflow run per job (never one per rank), with every rank's memory and the job's throughput."""
+    config = _config(tmp_path, ptb_char_dir, "tracked", f"s3://checkpoints/tracked-{uuid.uuid4().hex[:8]}", max_steps=8,
+                     log_every=4)
+    raw = yaml.safe_load(config.read_text())
+    raw["tracking"] = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "ddp-tracking"}
+    config.write_text(yaml.safe_dump(raw))
+    proc = subprocess.run(_torchrun(config), cwd=tmp_path, env=_env(s3_endpoint), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ddp-tracking").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.tags["world_size"] == "2"
+    for rank in (0, 1):
+        assert run.data.metrics[f"memory/rank{rank}/params_mib"] > 0
+        assert run.data.metrics[f"memory/rank{rank}/averages_mib"] > 0
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "tokens_per_second")] == [4, 8]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "valid/reported_loss")] == [8]
