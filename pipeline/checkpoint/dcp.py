@@ -34,7 +34,7 @@ from torch.distributed.checkpoint._traverse import set_element
 from pipeline.checkpoint.storage import CheckpointError, CheckpointInfo, CheckpointStorage, retry_call
 from pipeline.distributed import DistContext, all_reduce_sum, broadcast_object
 
-__all__ = ["CheckpointMismatch", "DCPCheckpointer", "SafeFsspecReader", "SafeLoadPlanner"]
+__all__ = ["CheckpointMismatch", "DCPCheckpointer", "SafeFsspecReader", "SafeLoadPlanner", "agree_on_new_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,17 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
             self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def agree_on_new_folder(storage: CheckpointStorage, ctx: DistContext, step: int) -> str | None:
+    """A never-used folder name for ``step``, chosen by rank 0 and the same on every rank (None: storage down)."""
+    name = None
+    if ctx.is_main:
+        try:
+            name = storage.new_folder(step)
+        except CheckpointError as err:
+            log.warning("%s", err)
+    return broadcast_object(ctx, name)
 
 
 class CheckpointMismatch(CheckpointError):
@@ -144,13 +155,7 @@ class DCPCheckpointer:
         policy = self.storage.retry
         delays = policy.delays() + [None]
         for attempt, delay in enumerate(delays, start=1):
-            name = None
-            if self.ctx.is_main:
-                try:
-                    name = self.storage.new_folder(step)
-                except CheckpointError as err:
-                    log.warning("%s", err)
-            name = broadcast_object(self.ctx, name)
+            name = agree_on_new_folder(self.storage, self.ctx, step)
             if name is not None and self._attempt_save(name, state, per_rank, {**meta, "world_size": self.ctx.world_size}):
                 return self.storage.folder_url(name)
             if delay is None:

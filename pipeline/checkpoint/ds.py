@@ -32,8 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.checkpoint.dcp import CheckpointMismatch
-from pipeline.checkpoint.storage import CheckpointError, CheckpointInfo, CheckpointStorage, retry_call
+from pipeline.checkpoint.dcp import CheckpointMismatch, agree_on_new_folder
+from pipeline.checkpoint.storage import CheckpointInfo, CheckpointStorage, retry_call
 from pipeline.distributed import DistContext, all_reduce_sum, broadcast_object
 
 __all__ = ["COMMIT_FILE", "DeepSpeedCheckpointer", "rank_file", "safe_checkpoint_engine"]
@@ -127,13 +127,7 @@ class DeepSpeedCheckpointer:
         ``write_local(folder, tag)`` is called on every rank (it may be collective, as
         ``engine.save_checkpoint`` is) and writes this rank's files under ``folder / tag``.
         """
-        name = None
-        if self.ctx.is_main:
-            try:
-                name = self.storage.new_folder(step)
-            except CheckpointError as err:
-                log.warning("%s", err)
-        name = broadcast_object(self.ctx, name)
+        name = agree_on_new_folder(self.storage, self.ctx, step)
         if name is None:
             self._skipped(step, "its folder could not be chosen")
             return None
