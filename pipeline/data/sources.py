@@ -412,23 +412,25 @@ def _verify_member(name: str, data: bytes, facts: SourceFacts | None, where: str
     _check_sha(what, sha256_bytes(data), mf, fix)
 
 
+def _choose_member(names: list[str], wanted: str | None, where: str) -> tuple[str, bool]:
+    """The archive member for ``wanted`` (None: the archive's only file) and whether it is gzipped."""
+    if wanted is None:
+        if len(names) != 1:
+            raise DataError(f"{where} must hold exactly one file for this dataset, it holds: {', '.join(names)}")
+        return names[0], names[0].endswith(".gz")
+    hit = _pick(names, wanted)
+    if hit is None:
+        raise _not_found(wanted, where, names)
+    return hit
+
+
 def _read_zip(origin: _Origin, wanted: list[str | None], progress: bool) -> dict[str | None, tuple[bytes, str]]:
     out: dict[str | None, tuple[bytes, str]] = {}
     with zipfile.ZipFile(origin.path) as zf:
         infos = {i.filename: i for i in zf.infolist()}
         names = [n for n, i in infos.items() if not i.is_dir()]
         for w in wanted:
-            if w is None:
-                if len(names) != 1:
-                    raise DataError(
-                        f"{origin.what} must hold exactly one file for this dataset, it holds: {', '.join(names)}"
-                    )
-                hit: tuple[str, bool] | None = (names[0], names[0].endswith(".gz"))
-            else:
-                hit = _pick(names, w)
-                if hit is None:
-                    raise _not_found(w, origin.what, names)
-            member, gz = hit
+            member, gz = _choose_member(names, w, origin.what)
             info = infos[member]
             with zf.open(info) as f:
                 data = _read_all(f, info.file_size, f"unzip {posixpath.basename(member)}", progress)
@@ -444,17 +446,7 @@ def _read_tar(origin: _Origin, wanted: list[str | None], progress: bool) -> dict
         members = {m.name: m for m in tf.getmembers() if m.isfile()}
         names = list(members)
         for w in wanted:
-            if w is None:
-                if len(names) != 1:
-                    raise DataError(
-                        f"{origin.what} must hold exactly one file for this dataset, it holds: {', '.join(names)}"
-                    )
-                hit: tuple[str, bool] | None = (names[0], names[0].endswith(".gz"))
-            else:
-                hit = _pick(names, w)
-                if hit is None:
-                    raise _not_found(w, origin.what, names)
-            member, gz = hit
+            member, gz = _choose_member(names, w, origin.what)
             f = tf.extractfile(members[member])
             assert f is not None
             data = _read_all(f, members[member].size, f"untar {posixpath.basename(member)}", progress)
