@@ -68,3 +68,33 @@ def s3_endpoint():
             else:
                 os.environ[key] = value
         server.stop()
+
+
+def tiny_ptb_config(work_dir: Path, data_dir: Path) -> dict:
+    """The shipped ``ptb_char_tiny`` config as a mapping, pointed at prepared PTB char data and
+    ``work_dir``, with tracking disabled; tests adjust the sections they exercise."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "pipeline" / "configs" / "ptb_char_tiny.yaml").read_text())
+    config["work_dir"] = str(work_dir)
+    config["data"]["dir"] = str(data_dir)
+    config["data"]["source"] = str(PTB_DIR)
+    config["tracking"] = {"enabled": False}
+    return config
+
+
+def torchrun_train_command(config: Path, *, nproc: int = 2) -> list[str]:
+    """``torchrun`` of the train stage on this machine (no in-place restarts; fast failure detection)."""
+    return [
+        PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        "--max-restarts=0", "--monitor-interval=0.2",
+        "-m", "pipeline", "train", "--config", str(config),
+    ]
+
+
+def multiprocess_env(s3_endpoint: dict) -> dict[str, str]:
+    """Environment for multi-process jobs against the moto S3 server."""
+    env = pipeline_env()
+    env.update(s3_endpoint)
+    env["OMP_NUM_THREADS"] = "1"  # two processes on two cores: no thread oversubscription
+    return env

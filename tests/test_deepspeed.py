@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import PTB_DIR, PYTHON, REPO, pipeline_env
+from conftest import multiprocess_env, tiny_ptb_config, torchrun_train_command
 
 pytest.importorskip("deepspeed", reason="train.engine deepspeed needs the deepspeed package (a project dependency)")
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:DeprecationWarning")
@@ -29,11 +29,7 @@ EVERY = 4
 
 
 def _raw_config(tmp_path: Path, data_dir: Path, name: str, checkpoint_url: str, **train) -> dict:
-    config = yaml.safe_load((REPO / "pipeline" / "configs" / "ptb_char_tiny.yaml").read_text())
-    config["work_dir"] = str(tmp_path / name)
-    config["data"]["dir"] = str(data_dir)
-    config["data"]["source"] = str(PTB_DIR)
-    config["tracking"] = {"enabled": False}
+    config = tiny_ptb_config(tmp_path / name, data_dir)
     config["train"].update({"max_steps": STEPS, "eval_every": EVERY, "eval_tokens": 2000, "device": "cpu",
                             "engine": "deepspeed", **train})
     config["checkpoint"] = {"url": checkpoint_url, "every": EVERY, "keep_last": 2, "retry_base_delay": 0.2}
@@ -46,18 +42,11 @@ def _config(tmp_path: Path, data_dir: Path, name: str, checkpoint_url: str, **tr
     return path
 
 
-def _torchrun(config: Path, *, nproc: int = 2) -> list[str]:
-    return [
-        PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        "--max-restarts=0", "--monitor-interval=0.2",
-        "-m", "pipeline", "train", "--config", str(config),
-    ]
+_torchrun = torchrun_train_command
 
 
 def _env(s3_endpoint: dict) -> dict[str, str]:
-    env = pipeline_env()
-    env.update(s3_endpoint)
-    env["OMP_NUM_THREADS"] = "1"  # two processes on two cores: no thread oversubscription
+    env = multiprocess_env(s3_endpoint)
     env.pop("DS_ACCELERATOR", None)  # the trainer sets it for train.device cpu
     return env
 

@@ -13,17 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import PTB_DIR, PYTHON, REPO, pipeline_env
+from conftest import PYTHON, multiprocess_env, tiny_ptb_config, torchrun_train_command
 
 STEPS = 24
 
 
 def _config(tmp_path: Path, data_dir: Path, name: str, checkpoint_url: str, **train) -> Path:
-    config = yaml.safe_load((REPO / "pipeline" / "configs" / "ptb_char_tiny.yaml").read_text())
-    config["work_dir"] = str(tmp_path / name)
-    config["data"]["dir"] = str(data_dir)
-    config["data"]["source"] = str(PTB_DIR)
-    config["tracking"] = {"enabled": False}
+    config = tiny_ptb_config(tmp_path / name, data_dir)
     config["train"].update({"max_steps": STEPS, "eval_every": 8, "eval_tokens": 2000, "device": "cpu", **train})
     config["checkpoint"] = {"url": checkpoint_url, "every": 4, "keep_last": 2, "retry_base_delay": 0.2}
     path = tmp_path / f"{name}.yaml"
@@ -31,19 +27,8 @@ def _config(tmp_path: Path, data_dir: Path, name: str, checkpoint_url: str, **tr
     return path
 
 
-def _torchrun(config: Path, *, nproc: int = 2) -> list[str]:
-    return [
-        PYTHON, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        "--max-restarts=0", "--monitor-interval=0.2",
-        "-m", "pipeline", "train", "--config", str(config),
-    ]
-
-
-def _env(s3_endpoint: dict) -> dict[str, str]:
-    env = pipeline_env()
-    env.update(s3_endpoint)
-    env["OMP_NUM_THREADS"] = "1"  # two processes on two cores: no thread oversubscription
-    return env
+_torchrun = torchrun_train_command
+_env = multiprocess_env
 
 
 def _losses(run_dir: Path) -> dict[int, float]:

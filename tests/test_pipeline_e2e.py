@@ -6,17 +6,13 @@ import json
 import math
 import subprocess
 
-import pytest
 import yaml
 
-from conftest import PTB_DIR, PYTHON, REPO, pipeline_env
+from conftest import PYTHON, pipeline_env, tiny_ptb_config
 
 
 def _write_config(tmp_path, data_dir, **train_overrides):
-    config = yaml.safe_load((REPO / "pipeline" / "configs" / "ptb_char_tiny.yaml").read_text())
-    config["work_dir"] = str(tmp_path / "run")
-    config["data"]["dir"] = str(data_dir)
-    config["data"]["source"] = str(PTB_DIR)
+    config = tiny_ptb_config(tmp_path / "run", data_dir)
     config["tracking"] = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     config["train"].update(train_overrides)
     path = tmp_path / "config.yaml"

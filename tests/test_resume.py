@@ -13,17 +13,13 @@ import pytest
 import torch
 import yaml
 
-from conftest import PTB_DIR, PYTHON, REPO, pipeline_env
+from conftest import PYTHON, pipeline_env, tiny_ptb_config
 
 STEPS = 24
 
 
 def _config(tmp_path: Path, data_dir: Path, name: str) -> Path:
-    config = yaml.safe_load((REPO / "pipeline" / "configs" / "ptb_char_tiny.yaml").read_text())
-    config["work_dir"] = str(tmp_path / name)
-    config["data"]["dir"] = str(data_dir)
-    config["data"]["source"] = str(PTB_DIR)
-    config["tracking"] = {"enabled": False}
+    config = tiny_ptb_config(tmp_path / name, data_dir)
     config["train"].update(max_steps=STEPS, eval_every=8, eval_tokens=2000)
     config["checkpoint"] = {"every": 4, "keep_last": 2}
     path = tmp_path / f"{name}.yaml"

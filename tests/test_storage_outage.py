@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import PTB_DIR, PYTHON, REPO, pipeline_env
+from conftest import PYTHON, pipeline_env, tiny_ptb_config
 from pipeline.checkpoint import DCPCheckpointer
 
 STEPS = 48
@@ -192,11 +192,7 @@ class LineWatcher:
 
 
 def _config(tmp_path: Path, data_dir: Path, checkpoint_url: str) -> Path:
-    config = yaml.safe_load((REPO / "pipeline" / "configs" / "ptb_char_tiny.yaml").read_text())
-    config["work_dir"] = str(tmp_path / "run")
-    config["data"]["dir"] = str(data_dir)
-    config["data"]["source"] = str(PTB_DIR)
-    config["tracking"] = {"enabled": False}
+    config = tiny_ptb_config(tmp_path / "run", data_dir)
     config["train"].update(max_steps=STEPS, eval_every=8, eval_tokens=2000, log_every=8, device="cpu")
     config["checkpoint"] = {
         "url": checkpoint_url, "every": EVERY, "keep_last": 2,

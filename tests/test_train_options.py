@@ -5,19 +5,14 @@ from __future__ import annotations
 import math
 
 import pytest
-import yaml
 
-from conftest import PTB_DIR, REPO
+from conftest import tiny_ptb_config
 
 
 def _config(tmp_path, data_dir, **train):
     from pipeline.config import validate_config
 
-    raw = yaml.safe_load((REPO / "pipeline" / "configs" / "ptb_char_tiny.yaml").read_text())
-    raw["work_dir"] = str(tmp_path / "run")
-    raw["data"]["dir"] = str(data_dir)
-    raw["data"]["source"] = str(PTB_DIR)
-    raw["tracking"] = {"enabled": False}
+    raw = tiny_ptb_config(tmp_path / "run", data_dir)
     # No dropout: the objective is deterministic, so micro-batching must not change it.
     for key in ("input_dropout", "state_dropout", "cell_output_dropout", "output_dropout"):
         raw["model"][key] = 0.0
