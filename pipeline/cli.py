@@ -9,8 +9,12 @@ options are generated from the schema, values are parsed as YAML scalars and val
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
+import signal
 import sys
+import threading
+import time
 import typing
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -25,6 +29,8 @@ __all__ = ["build_parser", "main"]
 log = logging.getLogger("pipeline")
 
 STAGES = ("prepare", "train", "evaluate", "run")
+# Modules that register further subcommands through ``register_commands(subparsers)``.
+COMMAND_MODULES: tuple[str, ...] = ("pipeline.compare",)
 
 
 def _is_section(annotation: Any) -> bool:
@@ -58,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m pipeline",
         description="Recurrent LM pipeline: prepare data, train with Two-Tailed Averaging, evaluate.",
     )
-    sub = parser.add_subparsers(dest="stage", required=True, metavar="{prepare,train,evaluate,run,configs}")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="COMMAND")
     for stage in STAGES:
         p = sub.add_parser(stage, help=f"run the {stage} stage" if stage != "run" else "prepare, train and evaluate")
         p.add_argument("--config", required=True, help=f"shipped config name ({', '.join(shipped_config_names())}) or a YAML path")
@@ -68,7 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
         group = p.add_argument_group("config overrides (generated from the schema)")
         for dotted, help_text in schema_options():
             group.add_argument(f"--{dotted}", dest=f"override:{dotted}", metavar="VALUE", help=help_text.replace("%", "%%"))
+    flush = sub.add_parser("flush", help="send MLflow calls left unsent (server down) by earlier stages of a run")
+    flush.add_argument("--config", required=True, help="the run's config (name or YAML path) with its overrides")
+    flush.add_argument("--timeout", type=float, default=60.0, help="seconds to keep trying [default 60]")
+    flush.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    for dotted, help_text in schema_options():
+        flush.add_argument(f"--{dotted}", dest=f"override:{dotted}", metavar="VALUE", help=argparse.SUPPRESS)
     sub.add_parser("configs", help="list the shipped experiment configs")
+    for module_name in COMMAND_MODULES:
+        # Each module adds its own subcommands (with a ``handler`` default taking the parsed args).
+        importlib.import_module(module_name).register_commands(sub)
     return parser
 
 
@@ -89,50 +104,95 @@ def run_stage(stage: str, config: PipelineConfig, *, force: bool = False) -> Non
     """Run one stage (or ``run`` = all) on a validated config, on this rank of the job.
 
     Under ``torchrun`` every rank calls this: data is prepared by the first rank of each node (the
-    others wait), every rank trains, only rank 0 talks to MLflow and evaluates.
+    others wait), every rank trains, only rank 0 talks to MLflow and evaluates. Each stage is a
+    nested MLflow run under the pipeline's parent run (see :mod:`pipeline.tracking`).
     """
     from pipeline.distributed import barrier, init_distributed, shutdown
-    from pipeline.tracking import Tracker, open_tracker
+    from pipeline.tracking import dataset_tags, open_tracker
 
     ctx = init_distributed(config.train.device) if stage in ("train", "run") else init_distributed("cpu")
+    tracker = open_tracker(config, command=stage, enabled=ctx.is_main)
     failed = True
+    pipeline_status: str | None = None
     try:
         if ctx.is_main:
             _save_resolved(config)
         if stage in ("prepare", "run"):
             from pipeline.prepare_stage import run_prepare
 
-            if ctx.local_rank == 0:
-                run_prepare(config, force=force)
+            tracker.start_stage("prepare")
+            started = time.perf_counter()
+            manifest = run_prepare(config, force=force) if ctx.local_rank == 0 else None
             barrier(ctx)
-        if stage == "prepare":
-            failed = False
-            return
-        tracker = open_tracker(config) if ctx.is_main else Tracker(config, enabled=False)
-        tracker.log_config(config)
-        tracker.set_tags({"world_size": ctx.world_size, "engine": config.train.engine})
-        status = "FAILED"
-        try:
-            if stage in ("train", "run"):
-                from pipeline.train import run_train
+            if manifest is not None:
+                tracker.set_tags(dataset_tags(manifest))
+                tracker.log_dict(manifest.model_dump(mode="json"), "dataset_manifest.json")
+                tracker.log_metrics(
+                    {**{f"data/{k}_tokens": v.num_tokens for k, v in manifest.splits.items()},
+                     "data/vocab_size": manifest.vocab_size, "data/prepare_seconds": time.perf_counter() - started}
+                )
+            tracker.end_stage("FINISHED")
+        if stage in ("train", "run"):
+            from pipeline.train import run_train
 
-                run_train(config, tracker, ctx)
-            if stage in ("evaluate", "run") and ctx.is_main:
-                from pipeline.evaluate import run_evaluate
+            tracker.start_stage("train")
+            tracker.set_tags({"pipeline.world_size": ctx.world_size, "pipeline.engine": config.train.engine,
+                              "pipeline.device": config.train.device})
+            run_train(config, tracker, ctx)
+            tracker.end_stage("FINISHED")
+        if stage in ("evaluate", "run") and ctx.is_main:
+            from pipeline.evaluate import run_evaluate
 
-                run_evaluate(config, tracker)
-            status = "FINISHED"
-        finally:
-            if stage in ("evaluate", "run") or status == "FAILED":
-                tracker.finish(status)
+            tracker.start_stage("evaluate")
+            run_evaluate(config, tracker)
+            tracker.end_stage("FINISHED")
+            pipeline_status = "FINISHED"  # the last stage: the pipeline run is complete
         failed = False
+    except BaseException as err:
+        status = "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED"
+        tracker.end_stage(status)
+        raise
     finally:
+        tracker.close(pipeline_status)
         shutdown(ctx, failed=failed)
+
+
+def flush_pending(config: PipelineConfig, timeout: float) -> int:
+    """Send the MLflow calls an earlier stage had to leave in ``<work_dir>/mlflow_pending.jsonl``."""
+    from pipeline.tracking import open_tracker
+
+    tracker = open_tracker(config, command="flush")
+    pending = tracker.pending
+    done = tracker.flush(timeout)
+    tracker.close(timeout=0)
+    if pending:
+        print(f"{'sent' if done else 'could not send all of'} {pending} pending MLflow calls to {config.tracking.uri or 'the tracking server'}")
+    else:
+        print("nothing to send")
+    return 0 if done else 1
+
+
+def _terminate_on_sigterm() -> None:
+    """Turn SIGTERM (pod eviction, preemption, torchrun stopping its workers) into SystemExit, so that
+    stages close their MLflow runs as KILLED and spool unsent calls instead of vanishing mid-call."""
+
+    def handler(signum, frame):  # noqa: ARG001 - signal handler signature
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    handler = getattr(args, "handler", None)
+    if handler is not None:
+        logging.basicConfig(
+            level=getattr(logging, getattr(args, "log_level", "INFO")),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
+        )
+        return int(handler(args) or 0)
     if args.stage == "configs":
         for name in shipped_config_names():
             print(name)
@@ -145,6 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.stage == "flush":
+        return flush_pending(config, args.timeout)
+    _terminate_on_sigterm()
     try:
         run_stage(args.stage, config, force=getattr(args, "force", False))
     except Exception as err:

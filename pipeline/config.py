@@ -174,10 +174,160 @@ class TrackingConfig(_Strict):
         description="Tracking URI; default $MLFLOW_TRACKING_URI, else a SQLite store sqlite:///<work_dir>/mlflow.db.",
     )
     experiment: str | None = Field(default=None, description="Experiment name; default the config name.")
+    run_key: str | None = Field(
+        default=None,
+        description="Names one pipeline run across stages and pods: stages with the same key log under one parent "
+        "run (tag pipeline.run_key). Default $PIPELINE_RUN_KEY; $MLFLOW_RUN_ID (a parent run id) wins over both.",
+    )
+    system_metrics: bool = Field(default=True, description="Log CPU, memory and GPU utilisation as system/* metrics.")
+    system_metrics_interval: float = Field(default=10.0, gt=0, description="Seconds between system metric samples.")
+    plots: bool = Field(default=True, description="Log learning-curve, averaging-length and summary plots as artifacts.")
+    register_model: bool = Field(
+        default=True, description="Log the reported (2TA) model with mlflow.pytorch and register it under the experiment name."
+    )
+    request_timeout: float = Field(default=10.0, gt=0, description="Seconds one call to the tracking server may take.")
+    retry_max_delay: float = Field(
+        default=30.0, gt=0, description="Longest wait between retries while the tracking server is unreachable."
+    )
+    flush_timeout: float = Field(
+        default=60.0, ge=0, description="At the end of a stage, wait this long for an unreachable server; what is "
+        "still unsent is then kept in <work_dir>/mlflow_pending.jsonl and sent by the next stage or `python -m pipeline flush`.",
+    )
+
+
+_QUANTITY_SCALE = {"Ki": 2.0**10, "Mi": 2.0**20, "Gi": 2.0**30, "Ti": 2.0**40, "Pi": 2.0**50, "Ei": 2.0**60,
+                   "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18}
+
+
+def quantity_value(text: str, field: str) -> float:
+    """The numeric value of a Kubernetes quantity (``500m`` -> 0.5, ``4Gi`` -> 4 * 2**30)."""
+    suffix = next((s for s in _QUANTITY_SCALE if text.endswith(s)), "")
+    number = text[: len(text) - len(suffix)]
+    if not number.replace(".", "", 1).isdigit() or not number[0].isdigit():
+        raise ValueError(f"{field} {text!r} is not a Kubernetes quantity (e.g. 4, 500m, 16Gi)")
+    return float(number) * _QUANTITY_SCALE.get(suffix, 1.0)
+
+
+def _is_dns_label(value: str) -> bool:
+    allowed = set("abcdefghijklmnopqrstuvwxyz0123456789-")
+    return bool(value) and value[0].isalpha() and set(value) <= allowed and not value.endswith("-")
+
+
+def _image_problem(image: str) -> str | None:
+    """Why ``image`` is not pinned (no tag or digest, or 'latest'), or None."""
+    name, _, digest = image.partition("@")
+    if digest and not (digest.startswith("sha256:") and len(digest) == 71 and all(c in "0123456789abcdef" for c in digest[7:])):
+        return f"its digest {digest!r} is not sha256:<64 hex digits>"
+    last = name.rsplit("/", 1)[-1]
+    tag = last.partition(":")[2]
+    if not name or " " in image or not (tag or digest):
+        return "it has neither a tag nor an @sha256 digest"
+    if tag == "latest" and not digest:
+        return "'latest' is not a pinned version"
+    return None
+
+
+class PodResources(_Strict):
+    """CPU and memory of one pod (Kubernetes quantities); a limit defaults to its request."""
+
+    cpu: str = Field(default="1", description="CPU request, e.g. 8 or 500m.")
+    memory: str = Field(default="4Gi", description="Memory request, e.g. 16Gi.")
+    cpu_limit: str | None = Field(default=None, description="CPU limit; default the request.")
+    memory_limit: str | None = Field(default=None, description="Memory limit; default the request.")
+
+    @model_validator(mode="after")
+    def _requests_within_limits(self) -> PodResources:
+        for kind in ("cpu", "memory"):
+            request, limit = getattr(self, kind), getattr(self, f"{kind}_limit") or getattr(self, kind)
+            if quantity_value(request, kind) > quantity_value(limit, f"{kind}_limit"):
+                raise ValueError(f"{kind} request {request} exceeds its limit {limit}; raise {kind}_limit or lower {kind}")
+        return self
+
+
+class GpuPodResources(PodResources):
+    """CPU, memory and NVIDIA GPUs of one pod (GPU requests = limits)."""
+
+    gpus: int = Field(default=1, ge=0, description="nvidia.com/gpu per pod; 0 runs on CPU.")
+
+
+class Toleration(_Strict):
+    """A Kubernetes toleration, e.g. {key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}."""
+
+    key: str | None = None
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class ClusterConfig(_Strict):
+    """Running the pipeline on Kubernetes (``python -m pipeline k8s-manifest`` / ``drive``); unused locally."""
+
+    image: str = Field(
+        default="ghcr.io/rlm-pipeline/rlm-pipeline:0.1.0",
+        description="Container image with a pinned tag or @sha256 digest (never 'latest').",
+    )
+    image_pull_policy: Literal["IfNotPresent", "Always"] = Field(default="IfNotPresent", description="Pull policy.")
+    namespace: str = Field(default="rlm-pipeline", description="Namespace of every object of a pipeline.")
+    run_name: str | None = Field(
+        default=None, description="Name of the driver Job (and prefix of its stage Jobs); default the config name."
+    )
+    nodes: int = Field(default=1, ge=1, description="Train pods (nodes) of the Indexed train Job.")
+    nproc_per_node: int | None = Field(default=None, ge=1, description="torchrun processes per pod; default train.gpus or 1.")
+    rdzv_port: int = Field(default=29500, ge=1024, le=65535, description="Port of the rendezvous on train pod 0.")
+    driver: PodResources = Field(default_factory=lambda: PodResources(cpu="250m", memory="512Mi"))
+    prepare: PodResources = Field(default_factory=lambda: PodResources(cpu="2", memory="8Gi"))
+    train: GpuPodResources = Field(default_factory=lambda: GpuPodResources(cpu="8", memory="64Gi", gpus=1))
+    evaluate: GpuPodResources = Field(default_factory=lambda: GpuPodResources(cpu="4", memory="32Gi", gpus=1))
+    shm_size: str = Field(default="8Gi", description="Size of /dev/shm (memory emptyDir) in train and evaluate pods.")
+    scratch_size: str = Field(default="100Gi", description="Size limit of the writable /work emptyDir of a stage pod.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the GPU pods (train, evaluate) need.")
+    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations of the GPU pods.")
+    max_train_restarts: int = Field(
+        default=3, ge=0, description="Re-create a failed train Job (resuming from the last checkpoint) at most this often."
+    )
+    max_preemption_restarts: int = Field(
+        default=50, ge=0, description="Separate bound on re-creations after preemption (these do not use max_train_restarts)."
+    )
+    backoff_limit: int = Field(default=2, ge=0, description="Pod retries of the driver, prepare and evaluate Jobs.")
+    ttl_seconds_after_finished: int = Field(default=7 * 24 * 3600, ge=0, description="Finished Jobs are deleted after this.")
+    poll_seconds: float = Field(default=10.0, gt=0, description="The driver checks stage Job conditions this often.")
+    storage_url: str = Field(
+        default="s3://rlm-pipeline", description="Object storage root: datasets/<dataset> and runs/<name>/<run>/checkpoints."
+    )
+    dataset_url: str | None = Field(
+        default=None,
+        description="Where prepare publishes the tokenised data and train/evaluate fetch it (fsspec URL); null locally "
+        "(local data only); in the cluster default <storage_url>/datasets/<data.dataset>.",
+    )
+    s3_endpoint: str | None = Field(
+        default=None, description="S3 endpoint of the stage pods (AWS_ENDPOINT_URL); default the in-cluster MinIO."
+    )
+    s3_secret: str = Field(
+        default="rlm-pipeline-s3", description="Secret holding AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (never literal)."
+    )
+    mlflow_uri: str | None = Field(default=None, description="MLflow server of the pods; default http://mlflow.<namespace>.svc:5000.")
+
+    @model_validator(mode="after")
+    def _valid_names(self) -> ClusterConfig:
+        problem = _image_problem(self.image)
+        if problem:
+            raise ValueError(f"cluster.image {self.image!r} is not pinned: {problem}; use a version tag or an @sha256 "
+                             "digest, e.g. ghcr.io/org/rlm-pipeline:0.1.0")
+        for field in ("namespace", "run_name"):
+            value = getattr(self, field)
+            if value is not None and (len(value) > 40 or not _is_dns_label(value)):
+                raise ValueError(f"cluster.{field} {value!r} must be a DNS label of at most 40 characters: lower-case "
+                                 "letters, digits and '-', starting with a letter")
+        for field in ("shm_size", "scratch_size"):
+            quantity_value(getattr(self, field), f"cluster.{field}")
+        if self.nproc_per_node and self.train.gpus and self.nproc_per_node > self.train.gpus:
+            raise ValueError(f"cluster.nproc_per_node ({self.nproc_per_node}) exceeds cluster.train.gpus "
+                             f"({self.train.gpus}): use one process per GPU")
+        return self
 
 
 class PipelineConfig(_Strict):
-    """A whole experiment: data, model, training, evaluation and tracking."""
+    """A whole experiment: data, model, training, evaluation, tracking and how it runs on a cluster."""
 
     name: str = Field(description="Experiment name (used for the work dir and the MLflow experiment).")
     work_dir: str | None = Field(default=None, description="Local folder for this run; default runs/<name>.")
@@ -187,6 +337,7 @@ class PipelineConfig(_Strict):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:

@@ -25,6 +25,8 @@ from pipeline.config import PipelineConfig
 from pipeline.data import DatasetManifest, evaluation_windows, load_manifest, load_tokens
 
 __all__ = [
+    "fetch_final_model",
+    "publish_final_model",
     "EvaluationResult",
     "bits_per_token",
     "evaluate_nll",
@@ -181,14 +183,67 @@ def load_final_model(path: str | Path) -> tuple[RecurrentLM, dict[str, Any]]:
     return model, payload
 
 
+def _remote_final_model_url(config: PipelineConfig) -> str | None:
+    """``<checkpoint.url>/final/final_model.pt`` when checkpoints live in object storage (other pods can read it)."""
+    url = config.checkpoint_url
+    if "://" not in url or url.startswith("file://"):
+        return None
+    return f"{url.rstrip('/')}/final/{FINAL_MODEL_FILE}"
+
+
+def publish_final_model(config: PipelineConfig, path: Path) -> str | None:
+    """Copy the final model next to the checkpoints in object storage, so that an ``evaluate`` stage in
+    another container finds it; returns the URL (None for local checkpoints)."""
+    url = _remote_final_model_url(config)
+    if url is None:
+        return None
+    import fsspec
+
+    from pipeline.checkpoint import RetryPolicy
+    from pipeline.checkpoint.storage import retry_call
+
+    ck = config.checkpoint
+    policy = RetryPolicy(ck.retry_attempts, ck.retry_base_delay, ck.retry_max_delay)
+    fs, remote = fsspec.core.url_to_fs(url, **ck.storage_options)
+    retry_call(lambda: fs.put_file(str(path), remote), f"uploading the final model to {url}", policy)
+    log.info("final model published to %s", url)
+    return url
+
+
+def fetch_final_model(config: PipelineConfig) -> Path:
+    """The run's final model as a local file: ``<work_dir>/final_model.pt``, else downloaded from
+    ``<checkpoint.url>/final/`` (written by a train stage in another container)."""
+    model_path = config.run_dir / FINAL_MODEL_FILE
+    if model_path.exists():
+        return model_path
+    url = _remote_final_model_url(config)
+    hint = "run the train stage first (python -m pipeline train --config ...)"
+    if url is None:
+        raise FileNotFoundError(f"no trained model at {model_path}: {hint}")
+    import fsspec
+
+    fs, remote = fsspec.core.url_to_fs(url, **config.checkpoint.storage_options)
+    try:
+        if not fs.exists(remote):
+            raise FileNotFoundError(f"no trained model at {model_path} nor at {url}: {hint}")
+        model_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = model_path.with_suffix(".download")
+        fs.get_file(remote, str(tmp))
+        tmp.replace(model_path)
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        raise FileNotFoundError(
+            f"cannot read the trained model at {url}: {err}; check the storage endpoint and credentials"
+        ) from err
+    log.info("final model fetched from %s", url)
+    return model_path
+
+
 def run_evaluate(config: PipelineConfig, tracker=None) -> EvaluationResult:
     """The ``evaluate`` stage: load the final (2TA) model of the run, score it, record the results."""
     manifest = load_manifest(config.data_dir)
-    model_path = config.run_dir / FINAL_MODEL_FILE
-    if not model_path.exists():
-        raise FileNotFoundError(
-            f"no trained model at {model_path}: run the train stage first (python -m pipeline train --config ...)"
-        )
+    model_path = fetch_final_model(config)
     model, payload = load_final_model(model_path)
     started = time.perf_counter()
     result = evaluate_model(model, config, manifest)
@@ -197,6 +252,10 @@ def run_evaluate(config: PipelineConfig, tracker=None) -> EvaluationResult:
              json.dumps({k: round(v, 4) for k, v in metrics.items()}))
     (config.run_dir / RESULTS_FILE).write_text(json.dumps({**asdict(result), "metrics": metrics}, indent=2))
     if tracker is not None:
-        tracker.log_metrics({f"final/{k}": v for k, v in metrics.items()})
+        final = {f"final/{k}": v for k, v in metrics.items()}
+        step = int(payload.get("step", 0))
+        tracker.log_metrics(final, step=step)
+        tracker.log_metrics(final, step=step, parent=True)  # the parent is what `compare` and the UI table show
         tracker.log_artifact(config.run_dir / RESULTS_FILE)
+        tracker.log_summary_plot(metrics, manifest.unit)
     return result

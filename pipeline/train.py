@@ -51,7 +51,8 @@ from pipeline.checkpoint import DCPCheckpointer, RetryPolicy
 from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.data import BatchStream, DatasetManifest, load_manifest, load_tokens
 from pipeline.distributed import DistContext, all_reduce_sum, gather_objects
-from pipeline.evaluate import FINAL_MODEL_FILE, bits_per_token, evaluate_nll, save_final_model
+from pipeline.evaluate import FINAL_MODEL_FILE, bits_per_token, evaluate_nll, publish_final_model, save_final_model
+from pipeline.tracking import dataset_tags
 
 __all__ = [
     "TrainingDiverged",
@@ -494,6 +495,7 @@ class Trainer:
                 window_start = time.perf_counter()
                 continue
             self._log_line({"step": self.step, "loss": loss, "grad_norm": grad_norm, "lr": self._lr()})
+            self._last_grad_norm = grad_norm
             window_loss += loss
             window_steps += 1
             window_tokens += cfg.batch_size // self.ctx.world_size * cfg.bptt
@@ -513,6 +515,7 @@ class Trainer:
                              tokens_per_second)
                 if self.tracker is not None:
                     self.tracker.log_metrics(metrics, step=self.step)
+                self._last_throughput = tokens_per_second
                 window_loss, window_steps, window_tokens = 0.0, 0, 0
                 window_start = time.perf_counter()
             if self.step % cfg.eval_every == 0:
@@ -533,12 +536,19 @@ class Trainer:
             "averaging/long_length": report.long_length,
             "lr": self._lr(),
         }
+        if self.step % self.train_cfg.log_every != 0:
+            # The training figures of the latest window, so that every evaluation step shows all of them
+            # (a logging step has just logged them).
+            metrics["train/grad_norm"] = getattr(self, "_last_grad_norm", None)
+            metrics["tokens_per_second"] = getattr(self, "_last_throughput", None)
         for name in ("raw", "short", "long"):
             value = getattr(report, f"{name}_loss")
             if value is not None and math.isfinite(value):
                 metrics[f"valid/{name}_loss"] = value
                 if self.manifest.unit == "char":
                     metrics[f"valid/{name}_bpc"] = bits_per_token(value)
+        if self.manifest.unit == "char" and math.isfinite(report.loss):
+            metrics["valid/reported_bpc"] = bits_per_token(report.loss)
         if self.ctx.is_main:
             log.info(
                 "eval @%d: reported %.4f (%s, length %d)  raw %s short %s long %s  S=%d L=%d  %s",
@@ -561,8 +571,10 @@ class Trainer:
                      "averaging_length": report.length if report else 1,
                      "dataset": self.manifest.name, "unit": self.manifest.unit},
                 )
+            publish_final_model(self.config, path)
             if self.tracker is not None:
-                self.tracker.log_artifact(path, "model")
+                self.tracker.log_model(path, metadata={"step": self.step, "averaging_length": report.length if report else 1})
+                self.tracker.log_training_plots(self.manifest.unit)
         return TrainResult(
             step=self.step, reported_loss=report.loss if report else None, reported_source=report.source if report else None,
             divergence_restarts=self.divergence_restarts, model_path=path,
@@ -584,6 +596,7 @@ def run_train(config: PipelineConfig, tracker=None, ctx: DistContext | None = No
     try:
         if tracker is not None:
             tracker.log_dict(trainer.manifest.model_dump(mode="json"), "dataset_manifest.json")
+            tracker.set_tags(dataset_tags(trainer.manifest))
             tracker.log_metrics({"model/parameters": sum(p.numel() for p in trainer.model.parameters())})
         result = trainer.train()
     finally:

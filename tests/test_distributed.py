@@ -153,8 +153,8 @@ def test_kill_one_rank_then_restart_resumes_from_s3(reference, tmp_path, ptb_cha
 
 def test_only_rank_zero_talks_to_mlflow(tmp_path, ptb_char_dir, s3_endpoint):
     """One MLflow run per job (never one per rank), with every rank's memory and the job's throughput."""
-    config = _config(tmp_path, ptb_char_dir, "tracked", f"s3://checkpoints/tracked-{uuid.uuid4().hex[:8]}", max_steps=8,
-                     log_every=4)
+    url = f"s3://checkpoints/tracked-{uuid.uuid4().hex[:8]}"
+    config = _config(tmp_path, ptb_char_dir, "tracked", url, max_steps=8, log_every=4)
     raw = yaml.safe_load(config.read_text())
     raw["tracking"] = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "ddp-tracking"}
     config.write_text(yaml.safe_dump(raw))
@@ -165,11 +165,18 @@ def test_only_rank_zero_talks_to_mlflow(tmp_path, ptb_char_dir, s3_endpoint):
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("ddp-tracking").experiment_id])
-    assert len(runs) == 1
-    run = runs[0]
-    assert run.data.tags["world_size"] == "2"
+    # The `train` command: one parent run and its train stage, whatever the number of ranks.
+    assert sorted(r.data.tags["pipeline.kind"] for r in runs) == ["pipeline", "stage"]
+    run = next(r for r in runs if r.data.tags["pipeline.kind"] == "stage")
+    assert run.data.tags["pipeline.stage"] == "train"
+    assert run.data.tags["pipeline.world_size"] == "2"
     for rank in (0, 1):
         assert run.data.metrics[f"memory/rank{rank}/params_mib"] > 0
         assert run.data.metrics[f"memory/rank{rank}/averages_mib"] > 0
     assert [m.step for m in client.get_metric_history(run.info.run_id, "tokens_per_second")] == [4, 8]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "valid/reported_loss")] == [8]
+    # The final model is published next to the checkpoints, for an evaluate stage in another container.
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(f"{url}/final/final_model.pt")
+    assert fs.cat(root) == (tmp_path / "tracked" / "final_model.pt").read_bytes()
