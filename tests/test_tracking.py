@@ -153,3 +153,35 @@ def test_dataset_checksum_depends_on_every_split():
 
     assert dataset_checksum(manifest("b" * 64)) == dataset_checksum(manifest("b" * 64))
     assert dataset_checksum(manifest("b" * 64)) != dataset_checksum(manifest("c" * 64))
+
+
+def test_sigterm_closes_the_runs_as_killed(tmp_path, ptb_char_dir):
+    """Preemption (SIGTERM to the pod): the stage and parent runs end KILLED instead of staying RUNNING."""
+    import json
+    import signal
+    import subprocess
+
+    import yaml
+
+    from conftest import PYTHON, pipeline_env, tiny_ptb_config
+
+    config = tiny_ptb_config(tmp_path / "w", ptb_char_dir)
+    config["name"] = "tiny"
+    config["train"].update(max_steps=100000, log_every=5)
+    config["tracking"] = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "system_metrics": False}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**pipeline_env(), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([PYTHON, "-m", "pipeline", "train", "--config", str(path)], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log_path = tmp_path / "w" / "train_log.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (log_path.exists() and len(log_path.read_text().splitlines()) >= 10):
+        assert proc.poll() is None
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    client, runs = _runs(tmp_path)
+    assert {r.data.tags["pipeline.kind"]: r.info.status for r in runs} == {"pipeline": "KILLED", "stage": "KILLED"}
+    assert json.loads(log_path.read_text().splitlines()[-1])["step"] >= 10
