@@ -32,6 +32,7 @@ what is still unsent is written to ``<work_dir>/mlflow_pending.jsonl`` and sent 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import getpass
 import hashlib
@@ -195,9 +196,15 @@ class Tracker:
         self.run_key = tracking.run_key or os.environ.get("PIPELINE_RUN_KEY") or None
         # One HTTP attempt per call, bounded in time: our own thread retries (MLflow's default of 7
         # retries with exponential backoff would hold one call for minutes). Explicit settings win.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(1, tracking.request_timeout))))
-        import mlflow
+        # Applied only around our own calls, so that the process's other MLflow use is unchanged.
+        self._http_env = {
+            k: v
+            for k, v in {
+                "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(max(1, tracking.request_timeout))),
+            }.items()
+            if k not in os.environ
+        }
         from mlflow.tracking import MlflowClient
 
         try:
@@ -207,7 +214,6 @@ class Tracker:
                 f"tracking.uri {self.tracking_uri!r} is not a usable MLflow tracking URI ({err}); use "
                 "http(s)://host:port of an MLflow server, sqlite:///path.db, or set tracking.enabled: false"
             ) from None
-        mlflow.set_tracking_uri(self.tracking_uri)  # mlflow.pytorch.log_model uses the global URI
         self._experiment_id: str | None = None
         self._queue: collections.deque[TrackingOp] = collections.deque()
         self._cond = threading.Condition()
@@ -501,6 +507,10 @@ class Tracker:
             self._cond.notify_all()
 
     def _execute(self, op: TrackingOp) -> None:
+        with _scoped_env(self._http_env):
+            self._execute_call(op)
+
+    def _execute_call(self, op: TrackingOp) -> None:
         from mlflow.entities import Metric, RunTag
 
         run_id = self._resolve(op.run)
@@ -551,6 +561,7 @@ class Tracker:
     def _log_model(self, run_id: str, payload: Mapping[str, Any]) -> None:
         import mlflow.pytorch
         import torch
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
         from pipeline.evaluate import load_final_model
 
@@ -558,22 +569,24 @@ class Tracker:
             raise _PermanentError(f"{payload['path']} no longer exists")
         model, saved = load_final_model(payload["path"])
         models_dir = Path(__file__).resolve().parents[1] / "models"
-        info = mlflow.pytorch.log_model(
-            model,
-            name="model",
-            run_id=run_id,
-            registered_model_name=payload["registered_name"],
-            # The package the pickled module refers to travels with the model, so mlflow.pytorch.load_model
-            # works without this project installed; requirements pinned rather than inferred (inference
-            # imports and runs the model in a subprocess).
-            code_paths=[str(models_dir)],
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "pydantic>=2.6,<3"],
-            tags={k: str(v) for k, v in {**payload.get("metadata", {}), "weights": saved.get("weights")}.items()},
-            await_registration_for=60,
-            # torch.export ("pt2") needs a traceable forward with example inputs; the recurrent state makes
-            # pickling the module (plus code_paths) the dependable choice.
-            serialization_format="pickle",
-        )
+        # mlflow.pytorch.log_model and the registry use the process-wide URI: ours, for this call only.
+        with _use_tracking_uri(self.tracking_uri):
+            info = mlflow.pytorch.log_model(
+                model,
+                name="model",
+                run_id=run_id,
+                registered_model_name=payload["registered_name"],
+                # The package the pickled module refers to travels with the model, so mlflow.pytorch.load_model
+                # works without this project installed; requirements pinned rather than inferred (inference
+                # imports and runs the model in a subprocess).
+                code_paths=[str(models_dir)],
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "pydantic>=2.6,<3"],
+                tags={k: str(v) for k, v in {**payload.get("metadata", {}), "weights": saved.get("weights")}.items()},
+                await_registration_for=60,
+                # torch.export ("pt2") needs a traceable forward and example inputs; with the recurrent state
+                # pickling the module (plus code_paths) is the dependable choice.
+                serialization_format="pickle",
+            )
         if info.registered_model_version is not None:
             log.info("registered model %s version %s", payload["registered_name"], info.registered_model_version)
 
@@ -694,6 +707,21 @@ class Tracker:
         if commit:
             tags["mlflow.source.git.commit"] = commit
         return tags
+
+
+@contextlib.contextmanager
+def _scoped_env(values: Mapping[str, str]):
+    """Set environment variables for the duration of a block, then restore them."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _user() -> str:

@@ -185,3 +185,17 @@ def test_sigterm_closes_the_runs_as_killed(tmp_path, ptb_char_dir):
     client, runs = _runs(tmp_path)
     assert {r.data.tags["pipeline.kind"]: r.info.status for r in runs} == {"pipeline": "KILLED", "stage": "KILLED"}
     assert json.loads(log_path.read_text().splitlines()[-1])["step"] >= 10
+
+
+def test_the_tracker_leaves_the_process_mlflow_settings_alone(tmp_path, monkeypatch):
+    import os
+
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
+    before = mlflow.get_tracking_uri()
+    tracker = Tracker(_config(tmp_path, "w"), command="train")
+    tracker.start_stage("train")
+    tracker.close(None)
+    assert mlflow.get_tracking_uri() == before
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
