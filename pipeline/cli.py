@@ -30,7 +30,7 @@ log = logging.getLogger("pipeline")
 
 STAGES = ("prepare", "train", "evaluate", "run")
 # Modules that register further subcommands through ``register_commands(subparsers)``.
-COMMAND_MODULES: tuple[str, ...] = ("pipeline.compare",)
+COMMAND_MODULES: tuple[str, ...] = ("pipeline.compare", "pipeline.k8s.commands")
 
 
 def _is_section(annotation: Any) -> bool:
@@ -132,6 +132,14 @@ def run_stage(stage: str, config: PipelineConfig, *, force: bool = False) -> Non
                      "data/vocab_size": manifest.vocab_size, "data/prepare_seconds": time.perf_counter() - started}
                 )
             tracker.end_stage("FINISHED")
+        if stage in ("train", "evaluate"):
+            # Data prepared elsewhere (another pod, another machine): a verified local copy, fetched from
+            # cluster.dataset_url when missing; one download per node.
+            from pipeline.prepare_stage import ensure_local_dataset
+
+            if ctx.local_rank == 0:
+                ensure_local_dataset(config)
+            barrier(ctx)
         if stage in ("train", "run"):
             from pipeline.train import run_train
 

@@ -235,6 +235,15 @@ class PodResources(_Strict):
     cpu_limit: str | None = Field(default=None, description="CPU limit; default the request.")
     memory_limit: str | None = Field(default=None, description="Memory limit; default the request.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_as_quantities(cls, data: Any) -> Any:
+        # `--cluster.train.cpu 32` arrives as the YAML number 32; Kubernetes quantities are strings.
+        if isinstance(data, dict):
+            return {k: str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "gpus" else v
+                    for k, v in data.items()}
+        return data
+
     @model_validator(mode="after")
     def _requests_within_limits(self) -> PodResources:
         for kind in ("cpu", "memory"):
@@ -259,6 +268,15 @@ class Toleration(_Strict):
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
 
 
+# Per-pod defaults; a partial override (`--cluster.train.gpus 8`) keeps the other defaults of its pod.
+_POD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "driver": {"cpu": "250m", "memory": "1Gi"},  # it imports torch (through the config)
+    "prepare": {"cpu": "2", "memory": "8Gi"},
+    "train": {"cpu": "8", "memory": "64Gi", "gpus": 1},
+    "evaluate": {"cpu": "4", "memory": "32Gi", "gpus": 1},
+}
+
+
 class ClusterConfig(_Strict):
     """Running the pipeline on Kubernetes (``python -m pipeline k8s-manifest`` / ``drive``); unused locally."""
 
@@ -266,7 +284,9 @@ class ClusterConfig(_Strict):
         default="ghcr.io/rlm-pipeline/rlm-pipeline:0.1.0",
         description="Container image with a pinned tag or @sha256 digest (never 'latest').",
     )
-    image_pull_policy: Literal["IfNotPresent", "Always"] = Field(default="IfNotPresent", description="Pull policy.")
+    image_pull_policy: Literal["IfNotPresent", "Always"] = Field(
+        default="Always", description="Pull policy; Always re-checks the tag's digest (layers stay cached)."
+    )
     namespace: str = Field(default="rlm-pipeline", description="Namespace of every object of a pipeline.")
     run_name: str | None = Field(
         default=None, description="Name of the driver Job (and prefix of its stage Jobs); default the config name."
@@ -274,10 +294,10 @@ class ClusterConfig(_Strict):
     nodes: int = Field(default=1, ge=1, description="Train pods (nodes) of the Indexed train Job.")
     nproc_per_node: int | None = Field(default=None, ge=1, description="torchrun processes per pod; default train.gpus or 1.")
     rdzv_port: int = Field(default=29500, ge=1024, le=65535, description="Port of the rendezvous on train pod 0.")
-    driver: PodResources = Field(default_factory=lambda: PodResources(cpu="250m", memory="512Mi"))
-    prepare: PodResources = Field(default_factory=lambda: PodResources(cpu="2", memory="8Gi"))
-    train: GpuPodResources = Field(default_factory=lambda: GpuPodResources(cpu="8", memory="64Gi", gpus=1))
-    evaluate: GpuPodResources = Field(default_factory=lambda: GpuPodResources(cpu="4", memory="32Gi", gpus=1))
+    driver: PodResources = Field(default_factory=lambda: PodResources(**_POD_DEFAULTS["driver"]))
+    prepare: PodResources = Field(default_factory=lambda: PodResources(**_POD_DEFAULTS["prepare"]))
+    train: GpuPodResources = Field(default_factory=lambda: GpuPodResources(**_POD_DEFAULTS["train"]))
+    evaluate: GpuPodResources = Field(default_factory=lambda: GpuPodResources(**_POD_DEFAULTS["evaluate"]))
     shm_size: str = Field(default="8Gi", description="Size of /dev/shm (memory emptyDir) in train and evaluate pods.")
     scratch_size: str = Field(default="100Gi", description="Size limit of the writable /work emptyDir of a stage pod.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the GPU pods (train, evaluate) need.")
@@ -306,6 +326,14 @@ class ClusterConfig(_Strict):
         default="rlm-pipeline-s3", description="Secret holding AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (never literal)."
     )
     mlflow_uri: str | None = Field(default=None, description="MLflow server of the pods; default http://mlflow.<namespace>.svc:5000.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pod_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = {**data, **{pod: {**_POD_DEFAULTS[pod], **data[pod]}
+                               for pod in _POD_DEFAULTS if isinstance(data.get(pod), dict)}}
+        return data
 
     @model_validator(mode="after")
     def _valid_names(self) -> ClusterConfig:

@@ -1,0 +1,120 @@
+"""The shipped manifests and every object the driver builds validate against the official
+Kubernetes schemas in strict mode (kubernetes-validate, offline), and the shipped files are exactly
+what the builders generate."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from pipeline.config import load_config, shipped_config_names
+from pipeline.k8s import builders
+from pipeline.k8s.builders import DriverRef, build_stage_job, build_train_service
+from pipeline.k8s.commands import register_commands, render_manifest
+from pipeline.k8s.shipped import SHIPPED_MANIFESTS, generate
+
+REPO = Path(__file__).resolve().parents[1]
+# The oldest version with everything used here GA (podFailurePolicy 1.31), and the newest schemas bundled.
+K8S_VERSIONS = ("1.31", kubernetes_validate.latest_version())
+
+
+def validate(obj: dict) -> None:
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(obj, version, strict=True)
+
+
+def documents(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def test_k8s_folder_holds_exactly_the_generated_manifests():
+    assert sorted(p.name for p in (REPO / "k8s").glob("*.yaml")) == sorted(SHIPPED_MANIFESTS)
+    for name, args in SHIPPED_MANIFESTS.items():
+        assert (REPO / "k8s" / name).read_text() == generate(args), (
+            f"k8s/{name} differs from what the builders generate; run `python -m pipeline.k8s.shipped`")
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_MANIFESTS))
+def test_every_shipped_manifest_validates_strictly(name):
+    docs = documents(REPO / "k8s" / name)
+    assert docs
+    for doc in docs:
+        validate(doc)
+
+
+def test_the_one_apply_manifest_starts_a_whole_pipeline():
+    kinds = [(d["kind"], d["metadata"]["name"]) for d in documents(REPO / "k8s" / "enwik8_rlstm.yaml")]
+    assert kinds == [("ConfigMap", "enwik8-rlstm-config"), ("ServiceAccount", "enwik8-rlstm-driver"),
+                     ("Role", "enwik8-rlstm-driver"), ("RoleBinding", "enwik8-rlstm-driver"), ("Job", "enwik8-rlstm")]
+    configmap = documents(REPO / "k8s" / "enwik8_rlstm.yaml")[0]
+    config = yaml.safe_load(configmap["data"]["config.yaml"])
+    assert config["name"] == "enwik8_rlstm" and config["cluster"]["nodes"] == 2 and config["cluster"]["train"]["gpus"] == 4
+    nightly = documents(REPO / "k8s" / "nightly-enwik8_rlstm.yaml")
+    assert nightly[-1]["kind"] == "CronJob" and nightly[-1]["spec"]["concurrencyPolicy"] == "Forbid"
+    assert yaml.safe_load(nightly[0]["data"]["config.yaml"])["train"]["max_steps"] == 20000
+
+
+@pytest.mark.parametrize("config_name", shipped_config_names())
+def test_every_object_the_driver_builds_validates_strictly_for_every_shipped_config(config_name):
+    for nodes, uid in ((1, "5f0c6a1e-uid"), (3, None)):
+        config = load_config(config_name, {"cluster.nodes": nodes})
+        driver = DriverRef(name=f"{builders.dns_name(config_name)}-29012345", namespace="rlm-pipeline", uid=uid,
+                           configmap="x-config")
+        for stage in builders.STAGES:
+            validate(build_stage_job(config, stage, driver, attempt=2, restarts_used=1))
+        validate(build_train_service(config, driver))
+        for args in (["--config", config_name], ["--config", config_name, "--what", "nightly"]):
+            for doc in yaml.safe_load_all(render_manifest(args)):
+                validate(doc)
+
+
+def test_strict_validation_catches_a_wrong_field():
+    job = build_stage_job(load_config("demo"), "train", DriverRef("d", "ns", None, "c"))
+    broken = copy.deepcopy(job)
+    broken["spec"]["template"]["spec"]["containers"][0]["resource"] = broken["spec"]["template"]["spec"]["containers"][0].pop("resources")
+    with pytest.raises(kubernetes_validate.ValidationError, match="'resource' was unexpected"):
+        validate(broken)
+    broken = copy.deepcopy(job)
+    broken["spec"]["completions"] = "two"
+    with pytest.raises(kubernetes_validate.ValidationError, match="'two' is not of type 'integer'"):
+        validate(broken)
+
+
+def manifest_command(argv: list[str], capsys) -> tuple[int, str, str]:
+    parser = argparse.ArgumentParser()
+    register_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["k8s-manifest", *argv])
+    code = args.handler(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_k8s_manifest_command(tmp_path, capsys):
+    code, out, _ = manifest_command(["--config", "text8_rlstm", "--cluster.run_name", "text8-try2",
+                                     "--train.optimizer.lr", "0.001"], capsys)
+    assert code == 0
+    docs = list(yaml.safe_load_all(out))
+    assert docs[-1]["metadata"]["name"] == "text8-try2"
+    assert yaml.safe_load(docs[0]["data"]["config.yaml"])["train"]["optimizer"]["lr"] == 0.001
+    first_line = out.splitlines()[0]
+    assert first_line.startswith("# Generated by: python -m pipeline.k8s k8s-manifest --config text8_rlstm ")
+    assert "--cluster.run_name text8-try2" in first_line and "--train.optimizer.lr 0.001" in first_line
+
+    out_file = tmp_path / "minio.yaml"
+    assert manifest_command(["--what", "minio", "--cluster.namespace", "team-a", "-o", str(out_file)], capsys)[0] == 0
+    assert {d["metadata"]["namespace"] for d in yaml.safe_load_all(out_file.read_text())} == {"team-a"}
+
+    code, _, err = manifest_command(["--config", "enwik8_rlstm", "--cluster.image", "repo/rlm:latest"], capsys)
+    assert code == 2 and "'latest' is not a pinned version" in err
+    code, _, err = manifest_command(["--what", "mlflow", "--train.max_steps", "5"], capsys)
+    assert code == 2 and "train.max_steps: only --cluster.* options apply without --config" in err
+    code, _, err = manifest_command(["--what", "nightly"], capsys)
+    assert code == 2 and "needs --config" in err
+    # problems the cluster would only find after scheduling GPUs are caught here
+    code, _, err = manifest_command(["--config", "enwik8_rlstm", "--cluster.nodes", "3", "--cluster.train.gpus", "2"], capsys)
+    assert code == 2 and "train.batch_size 128 is not divisible by the 6 ranks" in err
