@@ -28,8 +28,11 @@ RUN /opt/venv/bin/pip install --no-cache-dir --no-deps -c constraints.txt . \
     && /opt/venv/bin/pip check
 
 FROM python:3.11-slim-bookworm
+# The source commit, for MLflow's mlflow.source.git.commit tag (the image has no .git).
+ARG GIT_COMMIT=unknown
 # checkov:skip=CKV_DOCKER_2:a batch image (pipeline stages, driver); Kubernetes ignores HEALTHCHECK, the long-running MLflow Deployment has HTTP probes
 ENV PATH=/opt/venv/bin:$PATH \
+    GIT_COMMIT=$GIT_COMMIT \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/tmp \

@@ -90,7 +90,7 @@ def _default_tracking_uri(run_dir: Path) -> str:
 def git_commit() -> str | None:
     """The source commit: ``$GIT_COMMIT`` (baked into images at build time), else ``git rev-parse``."""
     commit = os.environ.get("GIT_COMMIT")
-    if commit:
+    if commit and commit != "unknown":  # "unknown": an image built without --build-arg GIT_COMMIT
         return commit
     repo = Path(__file__).resolve().parents[1]
     if not (repo / ".git").exists():

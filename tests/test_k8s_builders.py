@@ -156,6 +156,7 @@ def test_every_stage_runs_the_cli_on_the_mounted_config_with_pod_local_folders_a
         env = env_of(main)
         assert env["PIPELINE_RUN_KEY"] == DRIVER.name  # one MLflow parent run for every stage and restart
         assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.ml.svc:5000"
+        assert env["PIPELINE_IMAGE"] == cfg.cluster.image  # MLflow tag pipeline.image
         assert env["AWS_ENDPOINT_URL"] == "http://minio.ml.svc:9000"
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             assert env[key] == {"secretKeyRef": {"name": "rlm-pipeline-s3", "key": key}}

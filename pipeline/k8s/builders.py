@@ -258,6 +258,7 @@ def _stage_env(config: PipelineConfig, driver: DriverRef) -> list[dict[str, Any]
     return [
         {"name": "PIPELINE_RUN_KEY", "value": driver.name},
         {"name": "MLFLOW_TRACKING_URI", "value": mlflow_uri(config.cluster)},
+        {"name": "PIPELINE_IMAGE", "value": config.cluster.image},  # MLflow tag pipeline.image
         *_s3_env(config.cluster),
         *_runtime_env(cache=f"{WORK_DIR}/cache"),
     ]
