@@ -640,6 +640,13 @@ class Tracker:
                 self._experiment_id = self._client.create_experiment(self.experiment_name, artifact_location=artifact_location)
         return self._experiment_id
 
+    def _oldest_run(self, experiment_id: str, filter_string: str) -> str | None:
+        """The id of the first-created run matching ``filter_string`` (stable if a race made two)."""
+        found = self._client.search_runs(
+            [experiment_id], filter_string=filter_string, order_by=["attributes.start_time ASC"], max_results=1
+        )
+        return found[0].info.run_id if found else None
+
     def _find_or_create_parent(self) -> str:
         client = self._client
         experiment_id = self._experiment()
@@ -648,14 +655,11 @@ class Tracker:
             client.get_run(explicit)  # RESOURCE_DOES_NOT_EXIST -> dropped with a clear warning
             return explicit
         if self.run_key:
-            found = client.search_runs(
-                [experiment_id],
-                filter_string=f"tags.`pipeline.run_key` = '{self.run_key}' and tags.`pipeline.kind` = 'pipeline'",
-                order_by=["attributes.start_time ASC"],
-                max_results=1,
+            found = self._oldest_run(
+                experiment_id, f"tags.`pipeline.run_key` = '{self.run_key}' and tags.`pipeline.kind` = 'pipeline'"
             )
             if found:
-                return found[0].info.run_id
+                return found
         else:
             id_file = self.run_dir / RUN_ID_FILE
             if id_file.exists():
@@ -683,14 +687,11 @@ class Tracker:
         stage = run.split(":", 1)[1]
         parent_id = self._resolve(PARENT)
         experiment_id = self._client.get_run(parent_id).info.experiment_id
-        found = self._client.search_runs(
-            [experiment_id],
-            filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`pipeline.stage` = '{stage}'",
-            order_by=["attributes.start_time ASC"],
-            max_results=1,
+        found = self._oldest_run(
+            experiment_id, f"tags.`mlflow.parentRunId` = '{parent_id}' and tags.`pipeline.stage` = '{stage}'"
         )
         if found:
-            return found[0].info.run_id
+            return found
         tags = {"pipeline.kind": "stage", "pipeline.stage": stage, "mlflow.parentRunId": parent_id, **self._common_tags()}
         return self._client.create_run(experiment_id, run_name=stage, tags=tags).info.run_id
 

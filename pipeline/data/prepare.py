@@ -91,13 +91,23 @@ def load_manifest(output_dir: str | os.PathLike[str]) -> DatasetManifest:
             "(prepare_dataset / `rlm-pipeline prepare`) first"
         )
     try:
-        manifest = DatasetManifest.model_validate_json(path.read_bytes())
-    except (ValidationError, ValueError, OSError) as err:
-        raise DataError(f"{path} is invalid ({err}); {_REBUILD_HINT.format(dir=out)}") from err
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path} is unreadable ({err}); {_REBUILD_HINT.format(dir=out)}") from err
+    return parse_manifest(raw, str(path), _REBUILD_HINT.format(dir=out))
+
+
+def parse_manifest(raw: bytes, where: str, fix: str) -> DatasetManifest:
+    """A manifest from its JSON bytes (read from ``where``); :class:`DataError` ending in ``fix`` when
+    invalid or written by a newer format."""
+    try:
+        manifest = DatasetManifest.model_validate_json(raw)
+    except (ValidationError, ValueError) as err:
+        raise DataError(f"{where} is invalid ({err}); {fix}") from err
     if manifest.format_version > FORMAT_VERSION:
         raise DataError(
-            f"{path} has format version {manifest.format_version}, this code reads up to {FORMAT_VERSION}; "
-            f"update the code or {_REBUILD_HINT.format(dir=out)}"
+            f"{where} has format version {manifest.format_version}, this code reads up to {FORMAT_VERSION}; "
+            f"update the code or {fix}"
         )
     return manifest
 

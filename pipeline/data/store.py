@@ -24,14 +24,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import ValidationError
-
 from pipeline.data.prepare import (
-    FORMAT_VERSION,
     MANIFEST_NAME,
     VOCAB_NAME,
     DatasetManifest,
     _move_into_place,
+    parse_manifest,
     verify_prepared,
 )
 from pipeline.data.sources import CHUNK, DataError
@@ -91,16 +89,7 @@ def read_stored_manifest(
     raw = _attempt(read, f"reading {url}/{MANIFEST_NAME}", url, attempts)
     if raw is None:
         return None
-    try:
-        manifest = DatasetManifest.model_validate_json(raw)
-    except (ValidationError, ValueError) as err:
-        raise DataError(f"{url}/{MANIFEST_NAME} is invalid ({err}); {_REPUBLISH_HINT}") from err
-    if manifest.format_version > FORMAT_VERSION:
-        raise DataError(
-            f"{url} holds format version {manifest.format_version}, this code reads up to {FORMAT_VERSION}; "
-            f"update the code or {_REPUBLISH_HINT}"
-        )
-    return manifest
+    return parse_manifest(raw, f"{url}/{MANIFEST_NAME}", _REPUBLISH_HINT)
 
 
 def verify_stored(url: str, storage_options: dict[str, Any] | None = None, *, attempts: int = 3) -> DatasetManifest | None:
