@@ -235,7 +235,7 @@ def test_driver_job_finds_itself_through_the_downward_api_and_fails_for_good_on_
 
 def test_role_allows_only_what_the_driver_does():
     rules = {tuple(r["resources"]): set(r["verbs"]) for r in builders.driver_role_rules()}
-    assert rules == {("jobs",): {"create", "get", "delete"}, ("services",): {"create", "get", "delete"},
+    assert rules == {("jobs",): {"create", "get", "watch", "delete"}, ("services",): {"create", "get", "delete"},
                      ("pods",): {"list"}, ("pods/log",): {"get"}}
     for rule in builders.driver_role_rules():
         assert "*" not in rule["verbs"] and "*" not in rule["resources"]

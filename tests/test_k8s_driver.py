@@ -163,7 +163,9 @@ def demo_config(**cluster):
 
 def run_driver(emulator: Emulator, script: dict[str, list[str]], **cluster) -> tuple[FakeJobController, BaseException | None]:
     controller = FakeJobController(emulator, script)
-    driver = PipelineDriver(demo_config(**cluster), DRIVER, emulator.api_client(DRIVER_AGENT), sleep=controller.tick)
+    # Polling mode: the controller moves on each time the driver sleeps, so every run is deterministic.
+    driver = PipelineDriver(demo_config(**cluster), DRIVER, emulator.api_client(DRIVER_AGENT), sleep=controller.tick,
+                            watch=False)
     try:
         driver.run()
     except StageFailed as err:
@@ -298,7 +300,7 @@ def test_a_restarted_driver_adopts_its_own_jobs_and_replaces_those_of_an_earlier
 
     controller = FakeJobController(emulator, {"prepare": [], "train": ["fail"], "evaluate": ["complete"]})
     with pytest.raises(StageFailed, match="failed 2 times; cluster.max_train_restarts=1 is used up"):
-        PipelineDriver(config, DRIVER, emulator.api_client(DRIVER_AGENT), sleep=controller.tick).run()
+        PipelineDriver(config, DRIVER, emulator.api_client(DRIVER_AGENT), sleep=controller.tick, watch=False).run()
     # nothing of its own was created again; the budget continued from the annotations
     assert creations(emulator) == []
 
@@ -306,10 +308,44 @@ def test_a_restarted_driver_adopts_its_own_jobs_and_replaces_those_of_an_earlier
     batch.delete_namespaced_job(stage_job_name(DRIVER.name, "train"), NS)
     batch.create_namespaced_job(NS, build_stage_job(config, "train", DRIVER, attempt=2, restarts_used=1))
     controller = FakeJobController(emulator, {"prepare": [], "train": ["complete"], "evaluate": ["complete"]})
-    PipelineDriver(config, DRIVER, emulator.api_client(DRIVER_AGENT), sleep=controller.tick).run()
+    PipelineDriver(config, DRIVER, emulator.api_client(DRIVER_AGENT), sleep=controller.tick, watch=False).run()
     evaluate = stored_job(emulator, "evaluate")
     assert evaluate["metadata"]["ownerReferences"][0]["uid"] == DRIVER.uid
     assert ("delete", "jobs", "demo-evaluate", None) in driver_calls(emulator)
+    assert_role_allows_every_call(emulator)
+
+
+def test_the_driver_watches_jobs_while_the_controller_works_on_its_own_time(emulator):
+    """Watch mode (the default): the driver reacts to Job changes from a watch stream, not by sleeping."""
+    controller = FakeJobController(emulator, {"prepare": ["running", "complete"], "train": ["fail", "complete"],
+                                              "evaluate": ["complete"]})
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def control() -> None:
+        while not stop.is_set():
+            try:
+                controller.tick()
+            except Exception as err:  # noqa: BLE001 - reported below
+                errors.append(err)
+                return
+            time.sleep(0.02)
+
+    def no_sleep(seconds: float) -> None:
+        raise AssertionError("the driver slept instead of watching")
+
+    thread = threading.Thread(target=control, daemon=True)
+    thread.start()
+    try:
+        PipelineDriver(demo_config(max_train_restarts=1, poll_seconds=5), DRIVER, emulator.api_client(DRIVER_AGENT),
+                       sleep=no_sleep).run()
+    finally:
+        stop.set()
+        thread.join(5)
+    assert not errors
+    assert controller.seen == [("prepare", "1"), ("train", "1"), ("train", "2"), ("evaluate", "1")]
+    watched = [name for verb, resource, name, _ in driver_calls(emulator) if verb == "watch"]
+    assert watched and all(resource == "jobs" for verb, resource, _, _ in driver_calls(emulator) if verb == "watch")
     assert_role_allows_every_call(emulator)
 
 

@@ -487,10 +487,10 @@ def build_configmap(config: PipelineConfig, names: ManifestNames) -> dict[str, A
 
 
 def driver_role_rules() -> list[dict[str, Any]]:
-    """Exactly what the driver does: stage Jobs and the train Service (create, read, delete), and
-    reading the pods and logs of a failed stage."""
+    """Exactly what the driver does: stage Jobs (create, read, watch, delete), the train Service
+    (create, read, delete), and reading the pods and logs of a failed stage."""
     return [
-        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "delete"]},
+        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create", "get", "watch", "delete"]},
         {"apiGroups": [""], "resources": ["services"], "verbs": ["create", "get", "delete"]},
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
         {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},

@@ -1,7 +1,9 @@
 """The in-cluster driver: creates the stage Jobs of one pipeline run in order and waits on them.
 
 ``prepare`` -> ``train`` -> ``evaluate``, each a Job built by :mod:`pipeline.k8s.builders`. The
-driver polls each Job's conditions (``Complete`` / ``Failed``) and decides:
+driver watches each Job (a ``watch`` on the Job's name, re-opened every ``cluster.poll_seconds``;
+each wake-up re-reads the Job with ``get``) until its conditions say ``Complete`` or ``Failed``, and
+decides:
 
 * ``prepare`` / ``evaluate`` failed: the pipeline fails (their Jobs already retried their pods).
 * ``train`` failed because a pod was preempted (a ``DisruptionTarget`` condition, reported by the
@@ -131,16 +133,24 @@ class _TrainCounts:
                      for key, default in (("attempt", 1), ("restarts-used", 0), ("preemptions", 0))))
 
 
+def _is_timeout(err: BaseException) -> bool:
+    """A read timeout of the watch request (a quiet Job), as opposed to an error."""
+    text = f"{type(err).__name__} {err}".lower()
+    return "timeout" in text or "timed out" in text
+
+
 class PipelineDriver:
     """Runs ``prepare``, ``train`` and ``evaluate`` of ``config`` as Jobs of the run ``driver``.
 
     ``api_client``: a ``kubernetes.client.ApiClient`` (in-cluster, or any API server: the tests use
-    an emulator). ``sleep`` is injectable so that tests need not wait.
+    an emulator). ``watch``: wait for Job changes with a watch (the default; reacts at once, one
+    long request per ``poll_seconds``) or, with False, by sleeping ``poll_seconds`` between reads.
+    ``sleep`` is injectable so that tests need not wait.
     """
 
     def __init__(self, config: PipelineConfig, driver: DriverRef, api_client: Any, *,
                  sleep: Callable[[float], None] = time.sleep, log_tail_lines: int = 50,
-                 delete_timeout: float = 900.0) -> None:
+                 delete_timeout: float = 900.0, watch: bool = True) -> None:
         from kubernetes import client
 
         self.config = config
@@ -152,6 +162,7 @@ class PipelineDriver:
         self._poll = config.cluster.poll_seconds
         self._log_tail_lines = log_tail_lines
         self._delete_timeout = delete_timeout
+        self._watch = watch
 
     # -- the pipeline -----------------------------------------------------------------------
 
@@ -300,7 +311,36 @@ class PipelineDriver:
                 last = progress
             if state.phase != "running":
                 return state
+            self._await_change(name, job)
+
+    def _await_change(self, name: str, seen: Mapping[str, Any]) -> None:
+        """Return once the Job ``name`` differs from ``seen`` (a watch event) or ``poll_seconds`` passed."""
+        if not self._watch:
             self._sleep(self._poll)
+            return
+        from kubernetes import watch
+
+        stream = watch.Watch()
+        seen_status = seen.get("status") or {}
+        try:
+            for event in stream.stream(
+                self.batch.list_namespaced_job, self.driver.namespace,
+                field_selector=f"metadata.name={name}",
+                resource_version=(seen.get("metadata") or {}).get("resourceVersion"),
+                timeout_seconds=max(1, int(self._poll)),  # the API server ends the watch: re-read, re-watch
+                _request_timeout=(30, self._poll + 30),  # and if it does not, the client does
+            ):
+                job = self._to_dict(event["object"])
+                if (job.get("metadata") or {}).get("name") != name:
+                    continue  # a server that ignores the field selector
+                if event["type"] == "DELETED" or (job.get("status") or {}) != seen_status:
+                    return
+        except Exception as err:  # 410 Gone (old resourceVersion), timeouts, dropped connections
+            log.debug("watch on Job %s ended (%s); reading it again", name, err)
+            if not _is_timeout(err):
+                self._sleep(self._poll)  # a failing watch must not turn into a busy loop
+        finally:
+            stream.stop()
 
     def _stage_pods(self, stage: Stage) -> list[dict[str, Any]]:
         selector = {f"{LABEL}/run": self.driver.name, f"{LABEL}/stage": stage}
