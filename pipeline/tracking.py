@@ -221,6 +221,7 @@ class Tracker:
         self._abandon = threading.Event()
         self._outage_since: float | None = None
         self._spooled_pending = 0  # ops loaded from the spool file and not sent yet
+        self._config_logged = False
         self.sent = 0
         self.dropped = 0
         self._load_spool()
@@ -241,7 +242,9 @@ class Tracker:
             self._enqueue("set_status", run, {"status": "RUNNING"})
             self._enqueue("log_params", run, {"params": params})
             self._enqueue("log_batch", run, {"metrics": [], "tags": tags})
-        self._enqueue("log_text", PARENT, {"text": self.config.to_yaml(), "artifact_file": "config.yaml"})
+        if not self._config_logged:  # one config per process: `run` has three stages, one config
+            self._enqueue("log_text", PARENT, {"text": self.config.to_yaml(), "artifact_file": "config.yaml"})
+            self._config_logged = True
         if self.config.tracking.system_metrics:
             self._system_metrics = _SystemMetricsSampler(self, self.config.tracking.system_metrics_interval)
             self._system_metrics.start()
@@ -378,22 +381,12 @@ class Tracker:
         return self.run_dir / PENDING_FILE
 
     def _load_spool(self) -> None:
-        path = self._spool_path()
-        if not path.exists():
-            return
-        ops = []
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                ops.append(TrackingOp.from_json(line))
-            except (ValueError, KeyError) as err:
-                log.warning("%s line %d is not a tracking call (%s); skipped", path, number, err)
         # Older calls go first; the file stays until they are sent (rewritten at close()).
+        ops = list(iter_pending(self.run_dir))
         self._queue.extend(ops)
         self._spooled_pending = len(ops)
         if ops:
-            log.info("sending %d MLflow calls left unsent by an earlier stage (%s)", len(ops), path)
+            log.info("sending %d MLflow calls left unsent by an earlier stage (%s)", len(ops), self._spool_path())
 
     def _write_spool(self) -> None:
         path = self._spool_path()
@@ -789,9 +782,15 @@ def open_tracker(config: PipelineConfig, *, command: str = "run", enabled: bool 
 
 
 def iter_pending(run_dir: Path) -> Iterable[TrackingOp]:
-    """The calls spooled in ``<run_dir>/mlflow_pending.jsonl`` (for inspection)."""
+    """The calls spooled in ``<run_dir>/mlflow_pending.jsonl``, oldest first; a damaged line is skipped
+    with a warning."""
     path = Path(run_dir) / PENDING_FILE
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                yield TrackingOp.from_json(line)
+    if not path.exists():
+        return
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield TrackingOp.from_json(line)
+        except (ValueError, KeyError) as err:
+            log.warning("%s line %d is not a tracking call (%s); skipped", path, number, err)
