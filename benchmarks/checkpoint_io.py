@@ -10,9 +10,11 @@ short BPTT window, which does not change the state's size), so the RAdam state (
 ``exp_avg_sq``) exists and both Two-Tailed Averaging averages are filled. Then:
 
 * save: ``Trainer.save_checkpoint()``: DCP through fsspec (``DCPCheckpointer``) into a fresh
-  ``step-N`` folder plus the per-rank file and meta.json, then pruning (keep last 2 + best). Saves
+  ``step-N`` folder plus the per-rank file and the commit record (sha256 of every file, hashed while
+  written), then pruning (keep last 2 + best). Saves
   are synchronous, so this is how long training stalls per checkpoint;
-* restore: ``Trainer.restore_latest()`` on a second, freshly built Trainer (listing, DCP load with
+* restore: ``Trainer.restore_latest()`` on a second, freshly built Trainer (listing, every file read back
+  and checked against its digest, DCP load with
   the safe planner, per-rank state, ``set_state_dict``), checked to give back identical weights,
   optimizer state and averages.
 

@@ -9,7 +9,9 @@ options are generated from the schema, values are parsed as YAML scalars and val
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import logging
 import signal
 import sys
@@ -17,12 +19,14 @@ import threading
 import time
 import typing
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel
 
 from pipeline.config import ConfigError, PipelineConfig, load_config, shipped_config_names
+from pipeline.errors import STORAGE_ERRNOS, PipelineError, WorkDirError, unwritable, writing
 
 __all__ = ["build_parser", "main"]
 
@@ -96,8 +100,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _save_resolved(config: PipelineConfig) -> None:
-    config.run_dir.mkdir(parents=True, exist_ok=True)
-    (config.run_dir / "resolved_config.yaml").write_text(config.to_yaml())
+    path = config.run_dir / "resolved_config.yaml"
+    with writing(path):
+        config.run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(config.to_yaml())
 
 
 def run_stage(stage: str, config: PipelineConfig, *, force: bool = False) -> None:
@@ -111,6 +117,7 @@ def run_stage(stage: str, config: PipelineConfig, *, force: bool = False) -> Non
     from pipeline.tracking import dataset_tags, open_tracker
 
     ctx = init_distributed(config.train.device) if stage in ("train", "run") else init_distributed("cpu")
+    check_work_dir(config, ctx)
     tracker = open_tracker(config, command=stage, enabled=ctx.is_main)
     failed = True
     pipeline_status: str | None = None
@@ -163,6 +170,35 @@ def run_stage(stage: str, config: PipelineConfig, *, force: bool = False) -> Non
     finally:
         tracker.close(pipeline_status)
         shutdown(ctx, failed=failed)
+
+
+def check_work_dir(config: PipelineConfig, ctx) -> None:
+    """Fail at once, with one line and on every rank, when the work dir cannot be written."""
+    from pipeline.distributed import broadcast_object
+    from pipeline.errors import PeerFailure
+
+    failure = None
+    if ctx.is_main:
+        try:
+            ensure_writable(config.run_dir)
+        except WorkDirError as err:
+            failure = str(err)
+    failure = broadcast_object(ctx, failure)
+    if failure is not None:
+        raise WorkDirError(failure) if ctx.is_main else PeerFailure(failure, WorkDirError.exit_code)
+
+
+def ensure_writable(folder: Path) -> None:
+    """Create ``folder`` and write (then remove) a probe file in it; :class:`WorkDirError` if that fails."""
+    probe = folder / f".write-probe-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"probe")
+    except OSError as err:
+        raise WorkDirError(unwritable(err, folder)) from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
 
 
 def flush_pending(config: PipelineConfig, timeout: float) -> int:
@@ -218,11 +254,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     _terminate_on_sigterm()
     try:
         run_stage(args.stage, config, force=getattr(args, "force", False))
-    except Exception as err:
-        from pipeline.data import DataError
-
-        if isinstance(err, (DataError, FileNotFoundError, ConfigError, ValueError)):
+    except PipelineError as err:  # says what is wrong and what to do: no traceback
+        log.error("%s", err)
+        return err.exit_code
+    except OSError as err:
+        if err.errno in STORAGE_ERRNOS:  # a full or read-only disk mid-run (work dir, caches)
+            log.error("%s", unwritable(err))
+            return WorkDirError.exit_code
+        if isinstance(err, FileNotFoundError):
             log.error("%s", err)
             return 1
         raise
+    except ValueError as err:
+        log.error("%s", err)
+        return 1
     return 0

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from models.config import ModelConfig
+from pipeline.errors import EXIT_CONFIG, PipelineError
 
 __all__ = [
     "AveragingConfig",
@@ -34,8 +35,10 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(PipelineError, ValueError):
     """A configuration that cannot be used; the message names the field and the fix."""
+
+    exit_code = EXIT_CONFIG
 
 
 class _Strict(BaseModel):
@@ -108,9 +111,13 @@ class TrainConfig(_Strict):
     log_every: int = Field(default=50, gt=0, description="Steps between training-loss log lines.")
     seed: int = Field(default=0, description="Seed of parameter init and dropout masks.")
     divergence_lr_decay: float = Field(
-        default=0.9, gt=0, lt=1, description="On a non-finite loss, reload the last good checkpoint and multiply lr by this."
+        default=0.9, gt=0, lt=1, description="On a divergence, reload the best checkpoint and multiply lr by this (thesis §4.4)."
     )
     max_divergence_restarts: int = Field(default=10, ge=0, description="Give up after this many divergence restarts.")
+    divergence_loss_factor: float | None = Field(
+        default=5.0, gt=1, description="Also a divergence: a step whose training loss exceeds this multiple of the "
+        "lowest smoothed training loss so far (a loss that explodes without becoming non-finite); null disables.",
+    )
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     averaging: AveragingConfig = Field(default_factory=AveragingConfig)
 
@@ -140,6 +147,18 @@ class CheckpointConfig(_Strict):
     retry_attempts: int = Field(default=5, ge=1, description="Tries per save / read against flaky storage.")
     retry_base_delay: float = Field(default=1.0, ge=0, description="First backoff delay in seconds (doubles each try).")
     retry_max_delay: float = Field(default=30.0, ge=0, description="Longest backoff delay in seconds.")
+    max_failed_saves: int = Field(
+        default=3, ge=1, description="Stop the run when this many saves in a row have failed (each after its retries); "
+        "the run's last save must always succeed.",
+    )
+    on_unreadable: Literal["fail", "restart"] = Field(
+        default="fail", description="When checkpoints exist but none can be loaded: fail (exit code 4, nothing is "
+        "touched) or restart from step 0 (they are set aside with SET_ASIDE.json, never deleted).",
+    )
+    lease_ttl: float = Field(
+        default=60.0, ge=1, description="Seconds without a heartbeat after which another job may take over this "
+        "checkpoint location (a job heartbeats every lease_ttl / 6 s).",
+    )
 
 
 class TemperatureScan(_Strict):

@@ -28,7 +28,6 @@ import gc
 import logging
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,8 @@ import torch
 import torch.distributed as dist
 
 from pipeline.checkpoint.ds import DeepSpeedCheckpointer, rank_file, safe_checkpoint_engine
-from pipeline.checkpoint.storage import CheckpointError
+from pipeline.checkpoint.errors import CheckpointError
+from pipeline.checkpoint.storage import CheckpointInfo
 from pipeline.config import TrainConfig
 from pipeline.train import Trainer, build_optimizer, micro_batch_size
 
@@ -121,9 +121,10 @@ class DeepSpeedTrainer(Trainer):
         self.optimizer = optimizer
 
     def _open_checkpointer(self) -> DeepSpeedCheckpointer:
+        ck = self.config.checkpoint
         return DeepSpeedCheckpointer.open(
-            self.config.checkpoint_url, self.ctx, storage_options=self.config.checkpoint.storage_options,
-            retry=self._retry_policy(),
+            self.config.checkpoint_url, self.ctx, storage_options=ck.storage_options, retry=self._retry_policy(),
+            max_failed_saves=ck.max_failed_saves,
         )
 
     def close(self) -> None:
@@ -163,9 +164,8 @@ class DeepSpeedTrainer(Trainer):
 
     # ----------------------------------------------------------------------------- checkpoints
 
-    def save_checkpoint(self) -> None:
-        meta = {"step": self.step, "loss": None if self.last_report is None else self.last_report.loss,
-                "engine": self.engine_name, "zero_stage": self.train_cfg.zero_stage, "time": time.time()}
+    def save_checkpoint(self, *, final: bool = False) -> None:
+        meta = {**self._checkpoint_meta(), "zero_stage": self.train_cfg.zero_stage}
 
         def write_local(folder: Path, tag: str) -> None:
             self.engine.save_checkpoint(str(folder), tag=tag, save_latest=False)
@@ -176,15 +176,12 @@ class DeepSpeedTrainer(Trainer):
                            tag_dir / TRAINER_STATE_FILE)
             torch.save(self._per_rank_state(), tag_dir / rank_file(self.ctx.rank))
 
-        saved = self.checkpointer.save(self.step, write_local, meta)
-        if saved is not None and self.ctx.is_main:
-            try:
-                self.checkpointer.storage.prune(self.config.checkpoint.keep_last, self.config.checkpoint.keep_best)
-            except Exception as err:  # housekeeping must never end training; the next save prunes again
-                log.warning("could not prune old checkpoints under %s: %s", self.checkpointer.storage.url, err)
+        saved = self.checkpointer.save(self.step, write_local, meta, final=final)
+        if saved is not None:
+            self.checkpointer.prune(self.config.checkpoint.keep_last, self.config.checkpoint.keep_best)
 
-    def restore_latest(self, *, keep_lr_scale: bool = False) -> int | None:
-        """Load the newest committed checkpoint (all ranks the same). Returns its step, or None."""
+    def restore(self, *, prefer: str = "newest", keep_lr_scale: bool = False) -> CheckpointInfo | None:
+        """Load the newest (or best) loadable checkpoint (all ranks the same). Returns it, or None."""
 
         def read_local(folder: Path, tag: str) -> tuple[dict[str, Any], dict[str, Any]]:
             path, _ = self.engine.load_checkpoint(
@@ -198,7 +195,7 @@ class DeepSpeedTrainer(Trainer):
             per_rank = torch.load(tag_dir / rank_file(self.ctx.rank), map_location="cpu", weights_only=True)
             return state, per_rank
 
-        found = self.checkpointer.load_latest(read_local)
+        found = self.checkpointer.load_latest(read_local, prefer=prefer)
         if found is None:
             return None
         info, (state, per_rank) = found
@@ -206,4 +203,4 @@ class DeepSpeedTrainer(Trainer):
         self._load_progress(state["progress"], keep_lr_scale=keep_lr_scale)
         self._load_per_rank_state(per_rank)
         self._apply_lr()  # the loaded optimizer state carries the lr of the save; ours includes lr_scale
-        return info.step
+        return info

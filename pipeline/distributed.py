@@ -5,6 +5,10 @@ environment) joins the process group on start; a plain ``python -m pipeline`` pr
 world of one without any process group. :func:`shutdown` follows the order that keeps torch 2.13's
 gloo backend from aborting at interpreter exit ("terminate called without an active exception"):
 barrier, drop every object that holds the group, ``gc.collect()``, then ``destroy_process_group()``.
+
+A worker started by ``torchrun`` watches its launcher (:func:`watch_launcher`): if the launcher is
+killed, the worker stops within seconds instead of training on unsupervised, racing a restarted job
+in the same checkpoint location.
 """
 
 from __future__ import annotations
@@ -13,6 +17,9 @@ import datetime
 import gc
 import logging
 import os
+import signal
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +34,7 @@ __all__ = [
     "gather_objects",
     "init_distributed",
     "shutdown",
+    "watch_launcher",
 ]
 
 log = logging.getLogger(__name__)
@@ -58,7 +66,11 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistCon
     """
     want_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if want_cuda and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was requested but CUDA is not available; use --train.device cpu")
+        from pipeline.config import ConfigError
+
+        raise ConfigError("train.device is cuda but this machine has no usable CUDA GPU (torch.cuda.is_available() is "
+                          "False); use --train.device cpu or auto, or run on a GPU node")
+    watch_launcher()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -77,6 +89,37 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistCon
         )
     log.info("rank %d/%d joined the %s process group on %s", rank, world_size, backend, dev)
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, backend=backend)
+
+
+_watchdog: threading.Thread | None = None
+
+
+def watch_launcher(poll_s: float = 0.5, grace_s: float = 3.0) -> threading.Thread | None:
+    """Under ``torchrun``: stop this worker when its launcher (the parent process) is gone.
+
+    The worker first gets SIGTERM (the CLI turns it into a clean KILLED exit: MLflow runs closed,
+    the checkpoint lease released); if it has not exited ``grace_s`` seconds later (e.g. blocked in a
+    collective whose peer is gone), it exits at once. Returns the watching thread (None outside torchrun).
+    """
+    global _watchdog
+    if "TORCHELASTIC_RUN_ID" not in os.environ or _watchdog is not None:
+        return _watchdog
+    launcher = os.getppid()
+    if launcher <= 1:
+        return None
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(poll_s)
+        log.error("the torchrun launcher (pid %d) is gone: stopping this worker (rank %s)", launcher,
+                  os.environ.get("RANK", "?"))
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os._exit(128 + signal.SIGTERM)
+
+    _watchdog = threading.Thread(target=watch, name="launcher-watchdog", daemon=True)
+    _watchdog.start()
+    return _watchdog
 
 
 def barrier(ctx: DistContext) -> None:

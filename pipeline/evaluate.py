@@ -8,6 +8,7 @@ deepmind/lamb's evaluation. The test set is then scored with and without the tun
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from models import ModelConfig, RecurrentLM, detach_state
 from pipeline.config import PipelineConfig
 from pipeline.data import DatasetManifest, evaluation_windows, load_manifest, load_tokens
+from pipeline.errors import writing
 
 __all__ = [
     "fetch_final_model",
@@ -170,9 +172,15 @@ def save_final_model(path: Path, model: RecurrentLM, model_config: ModelConfig, 
         "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
         **extra,
     }
+    buffer = io.BytesIO()  # serialised in memory: a failed file write then raises an OSError, not torch's own
+    torch.save(payload, buffer)
     tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    try:
+        with writing(path):
+            tmp.write_bytes(buffer.getbuffer())
+            tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a full or read-only disk leaves no half-written file behind
 
 
 def load_final_model(path: str | Path) -> tuple[RecurrentLM, dict[str, Any]]:
@@ -228,10 +236,19 @@ def fetch_final_model(config: PipelineConfig) -> Path:
             raise FileNotFoundError(f"no trained model at {model_path} nor at {url}: {hint}")
         model_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = model_path.with_suffix(".download")
-        fs.get_file(remote, str(tmp))
-        tmp.replace(model_path)
+        try:
+            fs.get_file(remote, str(tmp))
+            tmp.replace(model_path)
+        finally:
+            tmp.unlink(missing_ok=True)
     except FileNotFoundError:
         raise
+    except OSError as err:
+        if err.errno is not None and err.filename is not None:  # the local disk (full, read-only): not storage
+            raise
+        raise FileNotFoundError(
+            f"cannot read the trained model at {url}: {err}; check the storage endpoint and credentials"
+        ) from err
     except Exception as err:
         raise FileNotFoundError(
             f"cannot read the trained model at {url}: {err}; check the storage endpoint and credentials"
@@ -242,7 +259,10 @@ def fetch_final_model(config: PipelineConfig) -> Path:
 
 def run_evaluate(config: PipelineConfig, tracker=None) -> EvaluationResult:
     """The ``evaluate`` stage: load the final (2TA) model of the run, score it, record the results."""
+    from pipeline.sizes import check_evaluation_sizes  # sizes imports the config and data modules only
+
     manifest = load_manifest(config.data_dir)
+    check_evaluation_sizes(config, manifest)
     model_path = fetch_final_model(config)
     model, payload = load_final_model(model_path)
     started = time.perf_counter()
@@ -250,7 +270,8 @@ def run_evaluate(config: PipelineConfig, tracker=None) -> EvaluationResult:
     metrics = result.metrics()
     log.info("evaluation (%s weights, %.1fs): %s", payload.get("weights", "?"), time.perf_counter() - started,
              json.dumps({k: round(v, 4) for k, v in metrics.items()}))
-    (config.run_dir / RESULTS_FILE).write_text(json.dumps({**asdict(result), "metrics": metrics}, indent=2))
+    with writing(config.run_dir / RESULTS_FILE):
+        (config.run_dir / RESULTS_FILE).write_text(json.dumps({**asdict(result), "metrics": metrics}, indent=2))
     if tracker is not None:
         final = {f"final/{k}": v for k, v in metrics.items()}
         step = int(payload.get("step", 0))

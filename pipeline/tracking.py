@@ -397,8 +397,11 @@ class Tracker:
                 path.unlink()
             return
         tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(op.to_json() + "\n" for op in remaining))
-        tmp.replace(path)
+        try:
+            tmp.write_text("".join(op.to_json() + "\n" for op in remaining))
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
         log.warning(
             "%d MLflow calls could not be sent to %s; kept in %s. They are sent by the next stage, or now with: "
             "python -m pipeline flush --config <config>", len(remaining), self.tracking_uri, path,

@@ -11,17 +11,22 @@ The loop (one optimizer step per BPTT window, hidden state carried across window
 
 1. per micro-batch (``grad_accum_steps`` slices of the rank's stripes): multi-sample dropout
    objective (thesis §4.3) + optional L2 penalty, backward (DDP syncs on the last micro-batch);
-2. clip the gradient norm; a non-finite loss or gradient norm (the same decision on every rank)
-   reloads the last committed checkpoint and multiplies the learning rate by
-   ``divergence_lr_decay`` (thesis §4.4);
+2. clip the gradient norm; a divergence - a non-finite loss or gradient norm, or a loss above
+   ``divergence_loss_factor`` times its lowest smoothed value (the same decision on every rank) -
+   reloads the best checkpoint (by the reported validation loss) and multiplies the learning rate
+   by ``divergence_lr_decay`` (thesis §4.4); the newer checkpoints of the diverged trajectory are
+   set aside;
 3. optimizer step, then ``averager.update()`` (2TA adds the new weights to both averages; the
    weights are identical on all ranks, so are the averages);
 4. every ``eval_every`` steps the averager evaluates raw / short / long weights on validation (each
    rank scores a shard, the sums are all-reduced: one consistent decision) and adapts (thesis
-   Algorithm 2); every ``checkpoint_interval`` steps a checkpoint is committed (DCP through fsspec).
+   Algorithm 2); every ``checkpoint_interval`` steps a checkpoint is committed (DCP through fsspec,
+   see :mod:`pipeline.checkpoint.protocol`: digests, commit record, failed saves).
 
 Everything needed to continue bit-exactly is checkpointed: model, optimizer, averager, data
-position, per-rank carried hidden state and RNG state, learning-rate scale and step.
+position, per-rank carried hidden state and RNG state, learning-rate scale, divergence guard and
+step. When checkpoints exist but none can be loaded, training stops (exit code 4) unless
+``checkpoint.on_unreadable`` is ``restart``; it never starts over on its own.
 """
 
 from __future__ import annotations
@@ -47,12 +52,16 @@ from pipeline.averaging import (
     TailAveraging,
     TwoTailedAveraging,
 )
-from pipeline.checkpoint import DCPCheckpointer, RetryPolicy
+from pipeline.checkpoint import CheckpointInfo, CheckpointLease, DCPCheckpointer, RetryPolicy, UnreadableCheckpoints
 from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.data import BatchStream, DatasetManifest, load_manifest, load_tokens
 from pipeline.distributed import DistContext, all_reduce_sum, gather_objects
+from pipeline.divergence import DivergenceGuard
+from pipeline.errors import EXIT_DIVERGED, PipelineError
 from pipeline.evaluate import FINAL_MODEL_FILE, bits_per_token, evaluate_nll, publish_final_model, save_final_model
+from pipeline.sizes import check_training_sizes
 from pipeline.tracking import dataset_tags
+from pipeline.train_log import TRAIN_LOG_FILE, TrainLog
 
 __all__ = [
     "TrainingDiverged",
@@ -68,11 +77,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-TRAIN_LOG_FILE = "train_log.jsonl"
 
+class TrainingDiverged(PipelineError, RuntimeError):
+    """Raised when the loss keeps diverging after ``max_divergence_restarts`` restarts (exit code 6)."""
 
-class TrainingDiverged(RuntimeError):
-    """Raised when the loss keeps going non-finite after ``max_divergence_restarts`` restarts."""
+    exit_code = EXIT_DIVERGED
 
 
 def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
@@ -172,7 +181,7 @@ class Trainer:
     :class:`pipeline.deepspeed_engine.DeepSpeedTrainer` overrides: ``_setup_engine`` (wrap the model,
     build the optimizer), ``_open_checkpointer``, ``_autocast``, ``_zero_grad`` /
     ``_accumulation_context`` / ``_backward`` / ``_gradient_norm`` / ``_optimizer_step`` (one
-    optimizer step over ``grad_accum_steps`` micro-batches), ``save_checkpoint`` / ``restore_latest``
+    optimizer step over ``grad_accum_steps`` micro-batches), ``save_checkpoint`` / ``restore``
     (sharing ``_progress_state``, ``_per_rank_state``, ``_load_progress``, ``_load_per_rank_state``)
     and ``close``.
     """
@@ -191,6 +200,7 @@ class Trainer:
             raise ValueError("train.precision bf16 needs a GPU (autocast on CUDA); use fp32 on CPU")
         self.micro_batch = micro_batch_size(cfg, self.ctx.world_size)
         self.manifest = load_manifest(config.data_dir)
+        check_training_sizes(config, self.manifest, self.ctx.world_size)
         self.model_config = model_config_for(config, self.manifest)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = RecurrentLM(self.model_config).to(self.device)
@@ -209,9 +219,12 @@ class Trainer:
         self.divergence_restarts = 0
         self.tokens_seen = 0
         self.last_report: AveragingReport | None = None
+        self._report_step: int | None = None  # the step last_report was measured at
+        self.guard = DivergenceGuard(cfg.divergence_loss_factor)
+        self.divergence: str | None = None  # why the last train_step diverged (None: it did not)
         self.states: list | None = None  # carried hidden state per micro-batch, rows = D * micro_batch
         config.run_dir.mkdir(parents=True, exist_ok=True)
-        self.train_log = config.run_dir / TRAIN_LOG_FILE
+        self.train_log = TrainLog(config.run_dir / TRAIN_LOG_FILE, enabled=self.ctx.is_main)
 
     # ----------------------------------------------------------------------------- engine hooks
 
@@ -235,9 +248,10 @@ class Trainer:
         return RetryPolicy(ck.retry_attempts, ck.retry_base_delay, ck.retry_max_delay)
 
     def _open_checkpointer(self):
+        ck = self.config.checkpoint
         return DCPCheckpointer.open(
-            self.config.checkpoint_url, self.ctx, storage_options=self.config.checkpoint.storage_options,
-            retry=self._retry_policy(),
+            self.config.checkpoint_url, self.ctx, storage_options=ck.storage_options, retry=self._retry_policy(),
+            max_failed_saves=ck.max_failed_saves,
         )
 
     def close(self) -> None:
@@ -251,9 +265,16 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _dcp_state(self) -> dict[str, Any]:
-        """What every rank holds identically (DCP writes it once): model, optimizer, averages, progress."""
-        with_optim = bool(self.optimizer.state) or self.step > 0
+    def _has_optimizer_state(self) -> bool:
+        return bool(self.optimizer.state) or self.step > 0
+
+    def _dcp_state(self, with_optimizer: bool | None = None) -> dict[str, Any]:
+        """What every rank holds identically (DCP writes it once): model, optimizer, averages, progress.
+
+        ``with_optimizer``: include the optimizer state (default: when it has any). Loading a checkpoint
+        needs the structure it was saved with: the step-0 one has no optimizer state yet.
+        """
+        with_optim = self._has_optimizer_state() if with_optimizer is None else with_optimizer
         if with_optim:
             model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=StateDictOptions())
         else:  # a fresh optimizer has no state yet; get_state_dict would create it with a dummy step
@@ -285,11 +306,14 @@ class Trainer:
             self.divergence_restarts = int(progress["divergence_restarts"])
         report = progress["last_report"]
         self.last_report = None if report is None else AveragingReport(**json.loads(report))
+        self._report_step = None
 
     def _load_per_rank_state(self, per_rank: dict[str, Any]) -> None:
         torch.set_rng_state(per_rank["rng"])
         if "cuda_rng" in per_rank and self.device.type == "cuda":
             torch.cuda.set_rng_state(per_rank["cuda_rng"], self.device)
+        if "divergence_guard" in per_rank:  # absent in checkpoints written before the guard existed
+            self.guard.load_state_dict(per_rank["divergence_guard"])
         hidden = per_rank["hidden"]
         self.states = None if hidden is None else [
             [(h[i].to(self.device), h[i + 1].to(self.device)) for i in range(0, len(h), 2)] for h in hidden
@@ -299,25 +323,43 @@ class Trainer:
         hidden = None
         if self.states is not None:
             hidden = [[t.detach().cpu().clone() for pair in state for t in pair] for state in self.states]
-        state = {"rng": torch.get_rng_state(), "hidden": hidden, "rank": self.ctx.rank}
+        # The divergence guard is the same on every rank; kept here, where a missing entry is harmless.
+        state = {"rng": torch.get_rng_state(), "hidden": hidden, "rank": self.ctx.rank,
+                 "divergence_guard": self.guard.state_dict()}
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return state
 
-    def save_checkpoint(self) -> None:
-        meta = {"step": self.step, "loss": None if self.last_report is None else self.last_report.loss,
-                "engine": self.engine_name, "time": time.time()}
-        saved = self.checkpointer.save(self.step, self._dcp_state(), self._per_rank_state(), meta)
-        if saved is not None and self.ctx.is_main:
-            self.checkpointer.storage.prune(self.config.checkpoint.keep_last, self.config.checkpoint.keep_best)
+    def _checkpoint_meta(self) -> dict[str, Any]:
+        """What the commit record says of a checkpoint: its step, and its reported validation loss when the
+        averager evaluated at this very step (divergence recovery goes back to the lowest)."""
+        evaluated_now = self.last_report is not None and self._report_step == self.step
+        return {"step": self.step, "loss": self.last_report.loss if evaluated_now else None,
+                "engine": self.engine_name, "time": time.time(), "optimizer_state": self._has_optimizer_state()}
 
-    def restore_latest(self, *, keep_lr_scale: bool = False) -> int | None:
-        """Load the newest committed checkpoint (all ranks the same). Returns its step, or None."""
-        template = self._dcp_state_template()
-        found = self.checkpointer.load_latest(template)
+    def save_checkpoint(self, *, final: bool = False) -> None:
+        """Commit a checkpoint of this step (collective), then prune old ones. ``final``: the run's last save,
+        which must succeed (:class:`~pipeline.checkpoint.CheckpointSaveFailed` otherwise)."""
+        saved = self.checkpointer.save(self.step, self._dcp_state(), self._per_rank_state(), self._checkpoint_meta(),
+                                       final=final)
+        if saved is not None:
+            self.checkpointer.prune(self.config.checkpoint.keep_last, self.config.checkpoint.keep_best)
+
+    def restore(self, *, prefer: str = "newest", keep_lr_scale: bool = False) -> CheckpointInfo | None:
+        """Load the newest (``prefer="best"``: lowest reported validation loss) loadable checkpoint, the same
+        on all ranks. Returns it, or None when there is none (raises when some exist but none loads)."""
+        templates: dict[str, dict[str, Any]] = {}
+
+        def template_for(info: CheckpointInfo) -> dict[str, Any]:
+            # Checkpoints written before the flag existed: the step-0 one alone has no optimizer state.
+            templates[info.name] = self._dcp_state(with_optimizer=bool(info.meta.get("optimizer_state", info.step > 0)))
+            return templates[info.name]
+
+        found = self.checkpointer.load_latest(template_for, prefer=prefer)
         if found is None:
             return None
         info, per_rank = found
+        template = templates[info.name]
         if template["optimizer"]:
             set_state_dict(self.model, self.optimizer, model_state_dict=template["model"],
                            optim_state_dict=template["optimizer"])
@@ -328,31 +370,30 @@ class Trainer:
         self._load_progress(template["progress"], keep_lr_scale=keep_lr_scale)
         self._load_per_rank_state(per_rank)
         self._apply_lr()
-        return info.step
+        return info
 
-    def _dcp_state_template(self) -> dict[str, Any]:
-        """A state of the right structure for DCP to load into (the checkpoint may have optimizer state)."""
-        latest = self.checkpointer.storage.latest() if self.ctx.is_main else None
-        from pipeline.distributed import broadcast_object
-
-        latest = broadcast_object(self.ctx, latest)
-        saved_step = latest.step if latest is not None else 0
-        state = self._dcp_state()
-        if saved_step > 0 and not state["optimizer"]:
-            _, state["optimizer"] = get_state_dict(self.model, self.optimizer, options=StateDictOptions())
-        return state
+    def restore_latest(self, *, keep_lr_scale: bool = False) -> int | None:
+        """Load the newest loadable checkpoint (all ranks the same). Returns its step, or None."""
+        info = self.restore(keep_lr_scale=keep_lr_scale)
+        return None if info is None else info.step
 
     def _apply_lr(self) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = self.train_cfg.optimizer.lr * self.lr_scale
 
     def resume(self) -> bool:
-        """Continue from the newest committed checkpoint, if any. Returns whether it resumed."""
-        step = self.restore_latest()
-        if step is None:
+        """Continue from the newest loadable checkpoint, if any. Returns whether it resumed.
+
+        Raises :class:`~pipeline.checkpoint.UnreadableCheckpoints` when checkpoints exist but none can be
+        loaded (never a silent fresh start; see :func:`run_train` for ``checkpoint.on_unreadable restart``).
+        """
+        info = self.restore()
+        if info is None:
             return False
+        dropped = self.train_log.truncate_after(info.step)
         if self.ctx.is_main:
-            log.info("resumed from %s at step %d", self.checkpointer.storage.url, step)
+            log.info("resumed from %s at step %d%s", self.checkpointer.storage.folder_url(info.name), info.step,
+                     f" ({dropped} lines of later steps dropped from {TRAIN_LOG_FILE})" if dropped else "")
         return True
 
     # ----------------------------------------------------------------------------- loop
@@ -368,31 +409,42 @@ class Trainer:
         return total / n
 
     def _log_line(self, record: dict[str, Any]) -> None:
-        if self.ctx.is_main:
-            with self.train_log.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+        self.train_log.append(record)
 
-    def _recover_from_divergence(self, loss: float, grad_norm: float) -> None:
+    def _recover_from_divergence(self, reason: str) -> None:
+        """Thesis §4.4: reset weights and optimizer state to the best checkpoint (lowest reported validation
+        loss) and multiply the learning rate by ``divergence_lr_decay``."""
+        diverged_at = self.step + 1
         self.divergence_restarts += 1
         if self.divergence_restarts > self.train_cfg.max_divergence_restarts:
             raise TrainingDiverged(
-                f"loss went non-finite at step {self.step + 1} (loss={loss}, grad norm={grad_norm}) after "
-                f"{self.divergence_restarts - 1} restarts; lower train.optimizer.lr or raise train.max_divergence_restarts"
+                f"training diverged at step {diverged_at} ({reason}) after {self.divergence_restarts - 1} restarts; "
+                "lower train.optimizer.lr or raise train.max_divergence_restarts"
             )
         self.lr_scale *= self.train_cfg.divergence_lr_decay
         restarts, scale = self.divergence_restarts, self.lr_scale
-        step = self.restore_latest(keep_lr_scale=True)
-        if step is None:
-            raise TrainingDiverged("loss went non-finite and there is no committed checkpoint to go back to")
+        info = self.restore(prefer="best", keep_lr_scale=True)
+        if info is None:
+            raise TrainingDiverged(f"training diverged at step {diverged_at} ({reason}) and there is no committed "
+                                   "checkpoint to go back to")
+        abandoned = self.checkpointer.abandon_newer_than(info)
         self.divergence_restarts, self.lr_scale = restarts, scale
         self._apply_lr()
         if self.ctx.is_main:
+            loss = "none" if not math.isfinite(info.loss) else f"{info.loss:.4f}"
             log.warning(
-                "non-finite loss (loss=%s, grad norm=%s): reloaded step %d, learning rate scaled to %.4g x (restart %d)",
-                loss, grad_norm, step, self.lr_scale, self.divergence_restarts,
+                "divergence at step %d (%s): reloaded the best checkpoint %s (step %d, reported validation loss %s), "
+                "learning rate scaled to %.4g x (restart %d of at most %d)%s",
+                diverged_at, reason, self.checkpointer.storage.folder_url(info.name), info.step, loss, self.lr_scale,
+                self.divergence_restarts, self.train_cfg.max_divergence_restarts,
+                f"; set aside the newer checkpoints of the diverged run: {', '.join(abandoned)}" if abandoned else "",
             )
+        self._log_line({"step": self.step, "divergence": {"at_step": diverged_at, "reason": reason,
+                                                          "reloaded": info.name, "reloaded_step": info.step,
+                                                          "lr_scale": self.lr_scale}})
         if self.tracker is not None:
-            self.tracker.log_metrics({"divergence_restarts": self.divergence_restarts, "lr": self._lr()}, step=self.step)
+            self.tracker.log_metrics({"divergence_restarts": self.divergence_restarts, "lr": self._lr(),
+                                      "divergence/reloaded_step": info.step}, step=self.step)
 
     def _lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -430,10 +482,14 @@ class Trainer:
     def _optimizer_step(self) -> None:
         self.optimizer.step()
 
+    def _skip_step(self) -> None:
+        """A diverged step is not applied (its gradients are dropped with the reload that follows)."""
+
     def train_step(self) -> tuple[float, float]:
         """One optimizer step; returns (mean training loss over all ranks in nats/token, gradient norm).
 
-        When either is non-finite the step is not applied (the caller recovers from the divergence).
+        When the step diverged (:class:`~pipeline.divergence.DivergenceGuard`: non-finite, or the loss
+        exploded) it is not applied, and ``self.divergence`` names why (the caller recovers).
         """
         cfg = self.train_cfg
         batch = self.stream.next_batch()
@@ -457,9 +513,12 @@ class Trainer:
         grad_norm = self._gradient_norm()
         local_loss = float(torch.stack(losses).mean())
         loss_value = all_reduce_sum(self.ctx, [local_loss])[0] / self.ctx.world_size
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+        self.divergence = self.guard.check(loss_value, grad_norm)  # the same decision on every rank
+        if self.divergence is not None:
+            self._skip_step()
             return loss_value, grad_norm
         self._optimizer_step()
+        self.guard.accept(loss_value)
         self.averager.update()
         self.states = new_states
         self.step += 1
@@ -469,12 +528,14 @@ class Trainer:
     def evaluate_and_adapt(self) -> AveragingReport:
         report = self.averager.evaluate_and_adapt(self._validation_loss)
         self.last_report = report
+        self._report_step = self.step
         return report
 
     def train(self) -> TrainResult:
         cfg = self.train_cfg
         if not self.resume():
             self._apply_lr()
+            self.train_log.truncate_after(0)  # a log left by an earlier run whose checkpoints are gone
             self.save_checkpoint()  # step 0: divergence recovery always has somewhere to go back to
         # Memory of every rank, gathered so that rank 0 (the only one talking to MLflow) reports all.
         reports = gather_objects(self.ctx, memory_report(self.model, self.optimizer, self.averager))
@@ -488,9 +549,12 @@ class Trainer:
         window_loss, window_steps, window_tokens = 0.0, 0, 0
         window_start = time.perf_counter()
         while self.step < cfg.max_steps:
+            self.divergence = None
             loss, grad_norm = self.train_step()
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                self._recover_from_divergence(loss, grad_norm)
+            if self.divergence is None and not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                self.divergence = f"non-finite loss or gradient (loss={loss}, grad norm={grad_norm})"
+            if self.divergence is not None:
+                self._recover_from_divergence(self.divergence)
                 window_loss, window_steps, window_tokens = 0.0, 0, 0
                 window_start = time.perf_counter()
                 continue
@@ -524,7 +588,7 @@ class Trainer:
                 window_start += time.perf_counter() - eval_started  # keep tokens/s a training-only figure
             if self.step % self.config.checkpoint_interval == 0 or self.step == cfg.max_steps:
                 ckpt_started = time.perf_counter()
-                self.save_checkpoint()
+                self.save_checkpoint(final=self.step == cfg.max_steps)
                 window_start += time.perf_counter() - ckpt_started
         return self.finish()
 
@@ -590,16 +654,47 @@ def trainer_class(config: PipelineConfig) -> type[Trainer]:
     return Trainer
 
 
+def _take_lease(trainer: Trainer) -> CheckpointLease | None:
+    """Rank 0 takes the lease of the checkpoint location (collective: every rank raises if it could not)."""
+    taken: list[CheckpointLease] = []  # the lease holds a thread: it stays on rank 0, never broadcast
+    lease = CheckpointLease(trainer.checkpointer.storage, ttl=trainer.config.checkpoint.lease_ttl)
+    trainer.checkpointer.on_main(lambda: taken.append(lease.acquire()))
+    return taken[0] if taken else None
+
+
 def run_train(config: PipelineConfig, tracker=None, ctx: DistContext | None = None) -> TrainResult:
-    """The ``train`` stage on this rank, with the engine the config chooses (``train.engine``)."""
-    trainer = trainer_class(config)(config, tracker, ctx)
+    """The ``train`` stage on this rank, with the engine the config chooses (``train.engine``).
+
+    Holds the checkpoint location's lease while it trains. When checkpoints exist but none can be
+    loaded it fails (exit code 4), unless ``checkpoint.on_unreadable`` is ``restart``: then they are set
+    aside (never deleted) and training starts again from step 0 with a freshly built trainer.
+    """
+    ctx = ctx or DistContext()
+    trainer = trainer_class(config)(config, tracker, ctx)  # checks the config against the data first
+    lease = None
     try:
+        lease = _take_lease(trainer)
+        trainer.checkpointer.lease = lease
         if tracker is not None:
             tracker.log_dict(trainer.manifest.model_dump(mode="json"), "dataset_manifest.json")
             tracker.set_tags(dataset_tags(trainer.manifest))
             tracker.log_metrics({"model/parameters": sum(p.numel() for p in trainer.model.parameters())})
-        result = trainer.train()
+        try:
+            result = trainer.train()
+        except UnreadableCheckpoints as err:
+            if config.checkpoint.on_unreadable != "restart":
+                raise
+            set_aside = trainer.checkpointer.set_aside_all("checkpoint.on_unreadable restart")
+            if ctx.is_main:
+                log.warning("%s\ncheckpoint.on_unreadable is restart: set aside %s (SET_ASIDE.json, nothing "
+                            "deleted); training starts again from step 0", err, ", ".join(set_aside))
+            trainer.close()
+            trainer = trainer_class(config)(config, tracker, ctx)  # pristine weights, optimizer and data
+            trainer.checkpointer.lease = lease
+            result = trainer.train()
     finally:
         trainer.close()
+        if lease is not None:
+            lease.release()
     del trainer  # drops the engine (DDP wrapper / DeepSpeed engine), which holds the process group
     return result

@@ -98,3 +98,23 @@ def multiprocess_env(s3_endpoint: dict) -> dict[str, str]:
     env.update(s3_endpoint)
     env["OMP_NUM_THREADS"] = "1"  # two processes on two cores: no thread oversubscription
     return env
+
+
+def diverge_once(monkeypatch, at_step: int) -> dict:
+    """Make ``Trainer.train_step`` return a non-finite loss once, when the trainer is at ``at_step`` (i.e. on
+    step ``at_step + 1``); the returned dict's ``done`` says whether it happened."""
+    import math
+
+    from pipeline.train import Trainer
+
+    real_step = Trainer.train_step
+    poisoned = {"done": False}
+
+    def flaky_step(self):
+        if self.step == at_step and not poisoned["done"]:
+            poisoned["done"] = True
+            return math.nan, math.nan
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", flaky_step)
+    return poisoned

@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import multiprocess_env, tiny_ptb_config, torchrun_train_command
+from conftest import PYTHON, multiprocess_env, pipeline_env, tiny_ptb_config, torchrun_train_command
 
 pytest.importorskip("deepspeed", reason="train.engine deepspeed needs the deepspeed package (a project dependency)")
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:DeprecationWarning")
@@ -181,7 +181,8 @@ def test_uncommitted_deepspeed_folder_is_skipped_and_world_size_is_checked(s3_en
         assert ckpt.save(step, writer(step), {"step": step, "engine": "deepspeed"}) == f"{url}/step-{step:08d}"
     fs, root = _fs(url)
     assert fs.exists(f"{root}/step-00000008/{COMMIT_FILE}")
-    assert json.loads(fs.cat(f"{root}/step-00000008/meta.json"))["world_size"] == 1
+    record = json.loads(fs.cat(f"{root}/step-00000008/{COMMIT_FILE}"))
+    assert record["meta"]["world_size"] == 1 and sorted(record["files"]) == sorted(files)
 
     # A newer folder without COMMITTED (a save that was interrupted): never loaded.
     fs.pipe(f"{root}/step-00000012/mp_rank_00_model_states.pt", b"half-written")
@@ -313,3 +314,33 @@ def test_divergence_reloads_the_deepspeed_checkpoint_and_decays_lr(tmp_path, ptb
     steps = [l["step"] for l in lines if "loss" in l]
     assert steps.count(9) == 2 and steps.count(10) == 1  # step 9 trained again after reloading step 8
     assert math.isclose(_records(tmp_path / "diverge", "lr")[10], config.train.optimizer.lr * 0.9)
+
+
+def test_a_damaged_deepspeed_checkpoint_is_set_aside_and_the_previous_one_loaded(tmp_path, ptb_char_dir):
+    """One flipped bit in DeepSpeed's module states: caught by its digest after download, reported in one
+    line, set aside (not deleted); the run resumes from the previous committed checkpoint instead. (Separate
+    processes: DeepSpeed caches its process groups, so one engine per process.)"""
+    from pipeline.checkpoint import SET_ASIDE_FILE
+
+    raw = _raw_config(tmp_path, ptb_char_dir, "damaged", str(tmp_path / "ckpt"), max_steps=8)
+    config = tmp_path / "damaged.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = pipeline_env()
+    env.pop("DS_ACCELERATOR", None)
+    cmd = [PYTHON, "-m", "pipeline", "train", "--config", str(config)]
+    first = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    states = tmp_path / "ckpt" / "step-00000008" / "mp_rank_00_model_states.pt"
+    data = bytearray(states.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    states.write_bytes(bytes(data))
+    again = subprocess.run(cmd + ["--train.max_steps", "12"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    [warning] = [line for line in again.stderr.splitlines() if "cannot load checkpoint" in line]
+    assert "step-00000008: mp_rank_00_model_states.pt: sha256" in warning and "falling back to step-00000004" in warning
+    assert re.search(r"resumed from \S+step-00000004 at step 4", again.stderr)
+    assert json.loads((states.parent / SET_ASIDE_FILE).read_text())["kind"] == "corrupt"
+    assert states.exists()
+    steps = [r for r in _records(tmp_path / "damaged", "loss")]
+    assert steps == list(range(1, 13))

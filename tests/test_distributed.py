@@ -49,7 +49,7 @@ def _committed_steps(prefix: str) -> list[int]:
         names = [p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
     except FileNotFoundError:
         return []
-    return [int(n.split("-")[1].split(".")[0]) for n in names if n.startswith("step-") and fs.exists(f"{root}/{n}/.metadata")]
+    return [int(n.split("-")[1].split(".")[0]) for n in names if n.startswith("step-") and fs.exists(f"{root}/{n}/COMMITTED")]
 
 
 def _wait_for_checkpoint(prefix: str, min_step: int, proc: subprocess.Popen, timeout: float = 300) -> bool:

@@ -127,6 +127,10 @@ def test_the_launcher_keeps_a_config_errors_exit_code_where_torchrun_says_1(tmp_
     assert plain.returncode == 1  # why the launcher exists
 
 
-@pytest.mark.parametrize("codes, expected", [([2], 2), ([2, 2], 2), ([1], 1), ([2, 1], 1), ([-9], 1), ([137], 1)])
+@pytest.mark.parametrize("codes, expected", [
+    ([2], 2), ([2, 2], 2), ([1], 1), ([2, 1], 1), ([-9], 1), ([137], 1),
+    # The other workers, stopped by torchrun (SIGTERM) after the first failed, do not hide its code.
+    ([4, -15], 4), ([5, 143], 5), ([7, 7, 143], 7), ([-15], 1), ([143, 1], 1),
+])
 def test_launcher_exit_code(codes, expected):
     assert exit_code_for(codes) == expected

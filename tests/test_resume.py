@@ -71,7 +71,7 @@ def test_resume_after_kill_gives_identical_losses(tmp_path, ptb_char_dir):
         )
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and child.poll() is None:
-            done = [int(p.parent.name.split("-")[1].split(".")[0]) for p in ckpt.glob("step-*/.metadata")]
+            done = [int(p.parent.name.split("-")[1].split(".")[0]) for p in ckpt.glob("step-*/COMMITTED")]
             if done and max(done) >= min_step:
                 break
             time.sleep(0.05)
@@ -85,6 +85,10 @@ def test_resume_after_kill_gives_identical_losses(tmp_path, ptb_char_dir):
     assert "resumed from" in proc.stderr
     resumed = _losses(tmp_path / "killed")
     assert resumed == expected  # bit-identical floats, step by step
+    # Each resume cut the log back to its checkpoint's step: every step and evaluation appears once.
+    lines = [json.loads(line) for line in (tmp_path / "killed" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in lines if "eval" in r] == [8, 16, 24]
     assert _evals(tmp_path / "killed") == _evals(tmp_path / "reference")
     a = torch.load(tmp_path / "reference" / "final_model.pt", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "killed" / "final_model.pt", weights_only=True)["state_dict"]

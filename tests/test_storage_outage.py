@@ -205,7 +205,7 @@ def _config(tmp_path: Path, data_dir: Path, checkpoint_url: str) -> Path:
 
 def _folders(prefix: str) -> dict[str, bool]:
     """Every step-N[.k] folder under ``prefix`` on the moto server itself (not through the proxy) ->
-    committed (has ``.metadata``)."""
+    committed (has ``COMMITTED``, the commit record written last)."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(prefix)  # endpoint: the test process's AWS_ENDPOINT_URL = moto
@@ -214,7 +214,7 @@ def _folders(prefix: str) -> dict[str, bool]:
         names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
     except FileNotFoundError:
         return {}
-    return {n: fs.exists(f"{root}/{n}/.metadata") for n in names if n.startswith("step-")}
+    return {n: fs.exists(f"{root}/{n}/COMMITTED") for n in names if n.startswith("step-")}
 
 
 def _order(name: str) -> tuple[int, int]:

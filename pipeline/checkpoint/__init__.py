@@ -1,18 +1,52 @@
-"""Checkpointing: an fsspec storage seam (:mod:`.storage`), the DCP implementation (:mod:`.dcp`, DDP) and
-the DeepSpeed one (:mod:`.ds`)."""
+"""Checkpointing: an fsspec storage seam (:mod:`.storage`), content digests (:mod:`.integrity`), the commit
+protocol shared by both engines (:mod:`.protocol`), the DCP implementation (:mod:`.dcp`, DDP), the
+DeepSpeed one (:mod:`.ds`) and the lease that keeps two jobs out of one location (:mod:`.lease`)."""
 
-from pipeline.checkpoint.dcp import COMMIT_FILE, DCPCheckpointer, SafeFsspecReader
+from pipeline.checkpoint.dcp import DCP_METADATA_FILE, DCPCheckpointer, SafeFsspecReader
 from pipeline.checkpoint.ds import DeepSpeedCheckpointer
-from pipeline.checkpoint.storage import CheckpointError, CheckpointInfo, CheckpointStorage, RetryPolicy, retry_call
+from pipeline.checkpoint.errors import (
+    CheckpointError,
+    CheckpointIntegrityError,
+    CheckpointLeaseLost,
+    CheckpointLocked,
+    CheckpointMismatch,
+    CheckpointSaveFailed,
+    Rejection,
+    UnreadableCheckpoints,
+)
+from pipeline.checkpoint.integrity import FileDigest
+from pipeline.checkpoint.lease import LEASE_FILE, CheckpointLease
+from pipeline.checkpoint.protocol import Checkpointer
+from pipeline.checkpoint.storage import (
+    COMMIT_FILE,
+    SET_ASIDE_FILE,
+    CheckpointInfo,
+    CheckpointStorage,
+    RetryPolicy,
+    retry_call,
+)
 
 __all__ = [
     "COMMIT_FILE",
+    "DCP_METADATA_FILE",
+    "LEASE_FILE",
+    "SET_ASIDE_FILE",
     "CheckpointError",
     "CheckpointInfo",
+    "CheckpointIntegrityError",
+    "CheckpointLease",
+    "CheckpointLeaseLost",
+    "CheckpointLocked",
+    "CheckpointMismatch",
+    "CheckpointSaveFailed",
     "CheckpointStorage",
+    "Checkpointer",
     "DCPCheckpointer",
     "DeepSpeedCheckpointer",
+    "FileDigest",
+    "Rejection",
     "RetryPolicy",
     "SafeFsspecReader",
+    "UnreadableCheckpoints",
     "retry_call",
 ]

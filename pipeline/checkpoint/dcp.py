@@ -1,44 +1,62 @@
 """Checkpoints of DDP (and single-process) training with ``torch.distributed.checkpoint``.
 
-A save writes, into a fresh ``step-N`` folder (see :mod:`pipeline.checkpoint.storage`):
+A save (see :mod:`pipeline.checkpoint.protocol` for the commit protocol) writes, into a fresh
+``step-N`` folder (see :mod:`pipeline.checkpoint.storage`):
 
-1. ``meta.json`` (rank 0) and ``rank-RRRRR.pt`` per rank: the state that differs between ranks
-   (RNG states, the carried hidden state of the rank's batch stripes), ``torch.save`` bytes;
+1. ``rank-RRRRR.pt`` per rank: the state that differs between ranks (RNG states, the carried hidden
+   state of the rank's batch stripes), ``torch.save`` bytes;
 2. the training state through DCP's fsspec writer: model, optimizer (FQN-keyed, via
    ``get_state_dict``), weight averages, step, data position, learning-rate scale. Replicated
-   entries are written once; DCP writes ``.metadata`` last (temp file + rename), so a folder is
-   committed exactly when ``.metadata`` exists.
+   entries are written once; DCP writes its ``.metadata`` last;
+3. ``COMMITTED`` (rank 0, after every rank succeeded): the metadata and the sha256 of every file,
+   each hashed while it was written (:class:`DigestingFsspecWriter`: no second read).
 
 Every rank takes part in every decision (which folder, whether a save succeeded, which checkpoint
-to resume from), so ranks never disagree. Loading reads ``.metadata`` with a restricted unpickler
-and the per-rank files with ``torch.load(weights_only=True)``: checkpoints may come from shared
-object storage and are not trusted to run code.
+to resume from), so ranks never disagree. Loading first checks every file against its digest (the
+ranks share the work), then reads ``.metadata`` with a restricted unpickler and the per-rank files
+with ``torch.load(weights_only=True)``: checkpoints may come from shared object storage and are not
+trusted to run code.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import os
 import pickle
+from collections.abc import Callable, Generator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint._fsspec_filesystem import FileSystem, FsspecReader, FsspecWriter
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
-from torch.distributed.checkpoint._traverse import set_element
 
-from pipeline.checkpoint.storage import CheckpointError, CheckpointInfo, CheckpointStorage, retry_call
-from pipeline.distributed import DistContext, all_reduce_sum, broadcast_object
+from pipeline.checkpoint.errors import CheckpointError, CheckpointIntegrityError, CheckpointMismatch, describe_error
+from pipeline.checkpoint.integrity import DigestingStream, DigestLedger, FileDigest, digest_bytes, mismatch
+from pipeline.checkpoint.lease import CheckpointLease
+from pipeline.checkpoint.protocol import Checkpointer, Preference
+from pipeline.checkpoint.storage import CheckpointInfo, CheckpointStorage, retry_call
+from pipeline.distributed import DistContext
 
-__all__ = ["CheckpointMismatch", "DCPCheckpointer", "SafeFsspecReader", "SafeLoadPlanner", "agree_on_new_folder"]
+__all__ = [
+    "CheckpointMismatch",
+    "DCPCheckpointer",
+    "DCP_METADATA_FILE",
+    "DigestingFsspecWriter",
+    "SafeFsspecReader",
+    "SafeLoadPlanner",
+    "rank_file",
+]
 
 log = logging.getLogger(__name__)
 
-COMMIT_FILE = ".metadata"
+DCP_METADATA_FILE = ".metadata"
 
 # Classes a DCP ``.metadata`` pickle may name; anything else is refused (no code execution on load).
 # DCP's metadata module holds only dataclasses and enums; the other names are what torch pickles
@@ -89,127 +107,123 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
-def agree_on_new_folder(storage: CheckpointStorage, ctx: DistContext, step: int) -> str | None:
-    """A never-used folder name for ``step``, chosen by rank 0 and the same on every rank (None: storage down)."""
-    name = None
-    if ctx.is_main:
-        try:
-            name = storage.new_folder(step)
-        except CheckpointError as err:
-            log.warning("%s", err)
-    return broadcast_object(ctx, name)
 
 
-class CheckpointMismatch(CheckpointError):
-    """The checkpoint cannot belong to this job (e.g. another world size): a configuration error."""
+class _DigestingFileSystem(FileSystem):
+    """DCP's fsspec file system, hashing every file it writes into a :class:`DigestLedger`."""
+
+    def __init__(self, ledger: DigestLedger) -> None:
+        super().__init__()
+        self.ledger = ledger
+
+    @contextmanager
+    def create_stream(self, path: str | os.PathLike, mode: str) -> Generator[io.IOBase, None, None]:
+        with super().create_stream(path, mode) as raw:
+            if not any(ch in mode for ch in "wa+"):
+                yield raw
+                return
+            stream = DigestingStream(raw, os.path.basename(os.fspath(path)), self.ledger)
+            yield stream
+            stream.close()  # records the digest (DCP may have closed it already: then this is a no-op)
+
+    def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
+        super().rename(path, new_path)  # DCP writes .metadata.tmp, then renames it
+        self.ledger.rename(os.path.basename(os.fspath(path)), os.path.basename(os.fspath(new_path)))
 
 
-def _rank_file(rank: int) -> str:
+class DigestingFsspecWriter(FsspecWriter):
+    """DCP's fsspec writer that records the sha256 of every file it writes in ``ledger``."""
+
+    def __init__(self, path: str, ledger: DigestLedger, **storage_options: Any) -> None:
+        super().__init__(path, sync_files=False, **storage_options)
+        self.fs = _DigestingFileSystem(ledger)
+        self.path = self.fs.init_path(path, **storage_options)
+
+
+def rank_file(rank: int) -> str:
+    """The per-rank state file (RNG, carried hidden state) of ``rank``."""
     return f"rank-{rank:05d}.pt"
 
 
-class DCPCheckpointer:
+class DCPCheckpointer(Checkpointer):
     """Save / find / load checkpoints of a (possibly) distributed job through DCP + fsspec."""
 
-    def __init__(self, storage: CheckpointStorage, ctx: DistContext) -> None:
-        self.storage = storage
-        self.ctx = ctx
+    engine = "ddp"
 
     @classmethod
-    def open(cls, url: str, ctx: DistContext, **storage_kwargs: Any) -> DCPCheckpointer:
-        return cls(CheckpointStorage(url, commit_file=COMMIT_FILE, **storage_kwargs), ctx)
+    def open(cls, url: str, ctx: DistContext, *, max_failed_saves: int = 3, lease: CheckpointLease | None = None,
+             **storage_kwargs: Any) -> DCPCheckpointer:
+        storage = CheckpointStorage(url, legacy_commit_file=DCP_METADATA_FILE, **storage_kwargs)
+        return cls(storage, ctx, max_failed_saves=max_failed_saves, lease=lease)
 
-    def _all_ok(self, ok: bool) -> bool:
-        """True on every rank iff ``ok`` on every rank."""
-        failures = all_reduce_sum(self.ctx, [0.0 if ok else 1.0])[0]
-        return failures == 0
-
-    def _attempt_save(self, name: str, state: dict[str, Any], per_rank: dict[str, Any], meta: dict[str, Any]) -> bool:
-        ok = True
+    def _write(self, name: str, state: dict[str, Any], per_rank: dict[str, Any]) -> dict[str, FileDigest]:
+        """This rank's files of checkpoint ``name``; returns their digests (collective)."""
+        ledger = DigestLedger()
+        err: BaseException | None = None
         try:
             buffer = io.BytesIO()
             torch.save(per_rank, buffer)
-            self.storage.write_bytes(name, _rank_file(self.ctx.rank), buffer.getvalue())
-            if self.ctx.is_main:
-                self.storage.write_meta(name, meta)
-        except Exception as err:
-            log.warning("rank %d could not write its part of checkpoint %s: %s", self.ctx.rank, name, err)
-            ok = False
-        if not self._all_ok(ok):
-            return False
-        try:
-            writer = FsspecWriter(self.storage.folder_url(name), sync_files=False, **self.storage.storage_options)
-            dcp.save(state, storage_writer=writer)
-        except (Exception, CheckpointException) as err:  # DCP raises on every rank if any rank's write failed
-            # (CheckpointException derives from BaseException, hence named here)
-            log.warning("rank %d: writing checkpoint %s failed: %s", self.ctx.rank, name, err)
-            ok = False
-        return self._all_ok(ok)
+            payload = buffer.getvalue()
+            self.storage.write_bytes(name, rank_file(self.ctx.rank), payload)
+            ledger.record(rank_file(self.ctx.rank), digest_bytes(payload))
+        except Exception as caught:
+            err = caught
+        self.raise_if_any_failed(err)  # DCP's save is collective: all ranks go on, or none
+        writer = DigestingFsspecWriter(self.storage.folder_url(name), ledger, **self.storage.storage_options)
+        dcp.save(state, storage_writer=writer)  # raises on every rank if any rank's write failed
+        return ledger.digests()
 
-    def save(self, step: int, state: dict[str, Any], per_rank: dict[str, Any], meta: dict[str, Any]) -> str | None:
+    def save(self, step: int, state: dict[str, Any], per_rank: dict[str, Any], meta: dict[str, Any], *,
+             final: bool = False) -> str | None:
         """Commit checkpoint ``step``; retried with backoff into fresh folders. Returns the folder, or None.
 
         A save that still fails after every retry is logged and skipped (training goes on, and the
-        previous committed checkpoint stays untouched); the caller tries again at the next interval.
+        previous committed checkpoint stays untouched) until ``max_failed_saves`` in a row failed.
         """
-        policy = self.storage.retry
-        delays = policy.delays() + [None]
-        for attempt, delay in enumerate(delays, start=1):
-            name = agree_on_new_folder(self.storage, self.ctx, step)
-            if name is not None and self._attempt_save(name, state, per_rank, {**meta, "world_size": self.ctx.world_size}):
-                return self.storage.folder_url(name)
-            if delay is None:
-                break
-            if self.ctx.is_main:
-                log.warning("checkpoint of step %d failed (attempt %d/%d); retrying in %.1fs",
-                            step, attempt, policy.attempts, delay)
-            import time
+        return self.save_files(step, lambda name: self._write(name, state, per_rank), meta, final=final)
 
-            time.sleep(delay)
-        if self.ctx.is_main:
-            log.warning(
-                "could not save the checkpoint of step %d to %s after %d attempts; training continues and the "
-                "last committed checkpoint is kept", step, self.storage.url, policy.attempts,
-            )
-        return None
+    def _verify(self, info: CheckpointInfo) -> None:
+        if info.files is not None:
+            self.verify_remote(info, self.my_share(list(info.files)))
 
-    def _load(self, info: CheckpointInfo, state: dict[str, Any]) -> dict[str, Any]:
-        saved_world = info.meta.get("world_size", self.ctx.world_size)
-        if saved_world != self.ctx.world_size:
-            raise CheckpointMismatch(
-                f"checkpoint {self.storage.folder_url(info.name)} was written by {saved_world} ranks and this job has "
-                f"{self.ctx.world_size}; resume with the same number of processes (nodes x nproc_per_node)"
-            )
+    def _read(self, info: CheckpointInfo, state: dict[str, Any]) -> dict[str, Any]:
         url = self.storage.folder_url(info.name)
-        try:
-            reader = SafeFsspecReader(url, **self.storage.storage_options)
-            dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner())
-        except (Exception, CheckpointException) as err:
-            raise CheckpointError(f"cannot load checkpoint {url}: {err}") from None
+        reader = SafeFsspecReader(url, **self.storage.storage_options)
+        dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner())
         payload = retry_call(
-            lambda: self.storage.read_bytes(info.name, _rank_file(self.ctx.rank)), "reading per-rank state",
+            lambda: self.storage.read_bytes(info.name, rank_file(self.ctx.rank)), "reading per-rank state",
             self.storage.retry,
         )
+        if info.files is not None and rank_file(self.ctx.rank) in info.files:
+            problem = mismatch(rank_file(self.ctx.rank), info.files[rank_file(self.ctx.rank)], digest_bytes(payload))
+            if problem:  # verified by another rank a moment ago; these are the bytes actually used
+                raise CheckpointIntegrityError(problem)
         return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
 
-    def load_latest(self, state: dict[str, Any]) -> tuple[CheckpointInfo, dict[str, Any]] | None:
-        """Load the newest committed checkpoint into ``state`` (in place); returns it with the per-rank part.
-
-        All ranks load the same checkpoint (rank 0 chooses); one that fails to load on any rank is
-        skipped with a warning in favour of the next older one.
-        """
-        candidates = self.storage.committed() if self.ctx.is_main else None
-        candidates = broadcast_object(self.ctx, candidates)
-        for info in reversed(candidates):
-            try:
-                per_rank = self._load(info, state)
-                ok = True
-            except CheckpointMismatch:
+    def _load(self, info: CheckpointInfo, state: dict[str, Any]) -> dict[str, Any]:
+        """Verify every file of one checkpoint and read it into ``state`` (in place) on this rank alone;
+        returns the per-rank part."""
+        self.check_compatible(info)
+        if info.record_error is not None:
+            raise CheckpointIntegrityError(info.record_error)
+        if info.files is not None:
+            self.verify_remote(info, sorted(info.files))
+        try:
+            return self._read(info, state)
+        except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException
+            if isinstance(err, CheckpointError):
                 raise
-            except Exception as err:
-                log.warning("rank %d could not load checkpoint %s (%s); trying an older one", self.ctx.rank,
-                            self.storage.folder_url(info.name), err)
-                per_rank, ok = {}, False
-            if self._all_ok(ok):
-                return info, per_rank
-        return None
+            raise CheckpointError(f"cannot load checkpoint {self.storage.folder_url(info.name)}: "
+                                  f"{describe_error(err)}") from None
+
+    def load_latest(self, state: dict[str, Any] | Callable[[CheckpointInfo], dict[str, Any]], *,
+                    prefer: Preference = "newest") -> tuple[CheckpointInfo, dict[str, Any]] | None:
+        """Load the newest (or the best) loadable checkpoint into the state (in place); returns it with the
+        per-rank part, None when there is none.
+
+        ``state``: the structure to load into, or a function giving it for a checkpoint (checkpoints differ:
+        the step-0 one has no optimizer state). All ranks load the same checkpoint; one that fails its
+        integrity check or cannot be read on any rank is reported and the next one is tried.
+        """
+        template_for = state if callable(state) else (lambda info: state)
+        return self.load(self._verify, lambda info: self._read(info, template_for(info)), prefer=prefer)

@@ -39,6 +39,8 @@ from typing import IO, Any
 
 from tqdm.auto import tqdm
 
+from pipeline.errors import PipelineError
+
 __all__ = [
     "DataError",
     "FileFacts",
@@ -75,7 +77,7 @@ except ImportError:  # pragma: no cover
     pass
 
 
-class DataError(Exception):
+class DataError(PipelineError):
     """A data-stage failure; the message names the problem and how to fix it."""
 
 

@@ -31,6 +31,8 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.config import ClusterConfig, PipelineConfig, PodResources
+from pipeline.errors import EXIT_DRIVER_FAILED
+from pipeline.errors import NON_RETRIABLE_EXIT_CODES as _NON_RETRIABLE_EXIT_CODES
 
 __all__ = [
     "COMPLETION_INDEX_ANNOTATION",
@@ -73,10 +75,11 @@ CONFIG_FILE = f"{CONFIG_DIR}/config.yaml"
 WORK_DIR = "/work"  # the writable scratch emptyDir of a stage pod (work dir, data, caches)
 RUN_AS = 10001  # the non-root user and group of the image (Dockerfile)
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
-# The pipeline CLI exits with 2 for a bad configuration / command line: retrying cannot help.
-NON_RETRIABLE_EXIT_CODES: tuple[int, ...] = (2,)
-# The driver exits with this when a stage failed for good (retrying the driver cannot help either).
-DRIVER_FAILED_EXIT_CODE = 3
+# The pipeline CLI's exit codes for failures that retrying cannot fix (bad configuration, unreadable
+# checkpoints, unwritable storage, divergence, a checkpoint location owned by another job), and the
+# driver's when a stage failed for good: see pipeline.errors.
+NON_RETRIABLE_EXIT_CODES: tuple[int, ...] = _NON_RETRIABLE_EXIT_CODES
+DRIVER_FAILED_EXIT_CODE = EXIT_DRIVER_FAILED
 MAX_JOB_NAME = 52  # Indexed Job pods are named <job>-<index>-<suffix>; hostnames <job>-<index> <= 63
 MINIO_IMAGE = "quay.io/minio/minio:RELEASE.2025-04-22T22-12-26Z"
 MLFLOW_ARTIFACTS_BUCKET = "mlflow-artifacts"

@@ -10,6 +10,7 @@ exited with the same non-retriable code, exits with that code.
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Iterable, Sequence
 
@@ -18,9 +19,19 @@ from pipeline.k8s.builders import NON_RETRIABLE_EXIT_CODES
 __all__ = ["exit_code_for", "main"]
 
 
+# How a worker ends when torchrun stops it after another worker failed: SIGTERM (our handler exits 143).
+_STOPPED_BY_LAUNCHER = {-signal.SIGTERM, 128 + signal.SIGTERM}
+
+
 def exit_code_for(worker_exit_codes: Iterable[int]) -> int:
-    """The launcher's exit code for the exit codes of the failed workers."""
+    """The launcher's exit code for the exit codes of the failed workers.
+
+    Workers that torchrun stopped (SIGTERM) because another one failed do not count; when every other
+    failed worker exited with the same non-retriable code, that code is kept.
+    """
     codes = set(worker_exit_codes)
+    if codes - _STOPPED_BY_LAUNCHER:
+        codes -= _STOPPED_BY_LAUNCHER
     if len(codes) == 1:
         (code,) = codes
         if code in NON_RETRIABLE_EXIT_CODES:
