@@ -174,18 +174,9 @@ def run_stage(stage: str, config: PipelineConfig, *, force: bool = False) -> Non
 
 def check_work_dir(config: PipelineConfig, ctx) -> None:
     """Fail at once, with one line and on every rank, when the work dir cannot be written."""
-    from pipeline.distributed import broadcast_object
-    from pipeline.errors import PeerFailure
+    from pipeline.distributed import on_main
 
-    failure = None
-    if ctx.is_main:
-        try:
-            ensure_writable(config.run_dir)
-        except WorkDirError as err:
-            failure = str(err)
-    failure = broadcast_object(ctx, failure)
-    if failure is not None:
-        raise WorkDirError(failure) if ctx.is_main else PeerFailure(failure, WorkDirError.exit_code)
+    on_main(ctx, lambda: ensure_writable(config.run_dir))
 
 
 def ensure_writable(folder: Path) -> None:

@@ -21,7 +21,8 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -33,11 +34,14 @@ __all__ = [
     "broadcast_object",
     "gather_objects",
     "init_distributed",
+    "on_main",
     "shutdown",
     "watch_launcher",
 ]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,27 @@ def broadcast_object(ctx: DistContext, obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src, device=ctx.device if ctx.backend == "nccl" else None)
     return box[0]
+
+
+def on_main(ctx: DistContext, fn: Callable[[], T]) -> T:
+    """``fn()`` on rank 0 and its result on every rank (a collective). If it raises, rank 0 raises the error
+    and every other rank a :class:`~pipeline.errors.PeerFailure` with its message and exit code, so that a
+    failure on rank 0 (storage, work dir) never leaves the others waiting in a collective."""
+    from pipeline.errors import PeerFailure, PipelineError
+
+    result, failure, error = None, None, None
+    if ctx.is_main:
+        try:
+            result = fn()
+        except Exception as err:
+            text = str(err) if isinstance(err, PipelineError) else f"{type(err).__name__}: {err}"
+            failure, error = (text, getattr(err, "exit_code", 1)), err
+    result, failure = broadcast_object(ctx, (result, failure))
+    if failure is not None:
+        if error is not None:
+            raise error
+        raise PeerFailure(*failure)
+    return result
 
 
 def shutdown(ctx: DistContext, *, failed: bool = False) -> None:

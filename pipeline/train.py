@@ -55,7 +55,7 @@ from pipeline.averaging import (
 from pipeline.checkpoint import CheckpointInfo, CheckpointLease, DCPCheckpointer, RetryPolicy, UnreadableCheckpoints
 from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.data import BatchStream, DatasetManifest, load_manifest, load_tokens
-from pipeline.distributed import DistContext, all_reduce_sum, gather_objects
+from pipeline.distributed import DistContext, all_reduce_sum, gather_objects, on_main
 from pipeline.divergence import DivergenceGuard
 from pipeline.errors import EXIT_DIVERGED, PipelineError
 from pipeline.evaluate import FINAL_MODEL_FILE, bits_per_token, evaluate_nll, publish_final_model, save_final_model
@@ -658,7 +658,7 @@ def _take_lease(trainer: Trainer) -> CheckpointLease | None:
     """Rank 0 takes the lease of the checkpoint location (collective: every rank raises if it could not)."""
     taken: list[CheckpointLease] = []  # the lease holds a thread: it stays on rank 0, never broadcast
     lease = CheckpointLease(trainer.checkpointer.storage, ttl=trainer.config.checkpoint.lease_ttl)
-    trainer.checkpointer.on_main(lambda: taken.append(lease.acquire()))
+    on_main(trainer.ctx, lambda: taken.append(lease.acquire()))
     return taken[0] if taken else None
 
 

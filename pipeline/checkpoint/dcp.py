@@ -107,8 +107,6 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
-
-
 class _DigestingFileSystem(FileSystem):
     """DCP's fsspec file system, hashing every file it writes into a :class:`DigestLedger`."""
 

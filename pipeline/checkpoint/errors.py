@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pipeline.errors import (
+    STORAGE_ERRNOS,
     EXIT_CHECKPOINTS_UNREADABLE,
     EXIT_CONFIG,
     EXIT_LOCKED,
@@ -31,10 +32,10 @@ __all__ = [
     "root_causes",
 ]
 
-# errnos of conditions that do not go away by waiting: the device is full or read-only, access denied, ...
-_PERMANENT_ERRNOS = {
-    errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOENT, errno.EISDIR,
-    errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.EFBIG, errno.EINVAL,
+# errnos of conditions that do not go away by waiting: the device is full or read-only, access denied
+# (STORAGE_ERRNOS), or the path itself is wrong.
+_PERMANENT_ERRNOS = STORAGE_ERRNOS | {
+    errno.ENOENT, errno.EISDIR, errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.EINVAL,
 }
 # Exception types that mean "the bytes / the request are wrong", never "try again later".
 _PERMANENT_TYPES: tuple[type[BaseException], ...] = (

@@ -42,9 +42,8 @@ from pipeline.checkpoint.errors import (
 )
 from pipeline.checkpoint.integrity import FileDigest, digest_stream, merge_digests, mismatch
 from pipeline.checkpoint.lease import CheckpointLease
-from pipeline.checkpoint.storage import CheckpointInfo, CheckpointStorage, SetAsideKind, retry_call
-from pipeline.distributed import DistContext, broadcast_object, gather_objects
-from pipeline.errors import PeerFailure
+from pipeline.checkpoint.storage import CheckpointInfo, CheckpointStorage, retry_call
+from pipeline.distributed import DistContext, broadcast_object, gather_objects, on_main
 
 __all__ = ["Checkpointer", "Preference", "SaveAborted"]
 
@@ -93,24 +92,6 @@ class Checkpointer:
         self.failed_saves = 0  # in a row
 
     # ------------------------------------------------------------------------- collectives
-
-    def on_main(self, fn: Callable[[], T]) -> T:
-        """``fn()`` on rank 0, its result on every rank; if it raised, every rank raises (a collective), so a
-        storage error on rank 0 never leaves the other ranks waiting in a broadcast."""
-        result, failure = None, None
-        if self.ctx.is_main:
-            try:
-                result = fn()
-            except Exception as err:
-                failure = (str(err) if isinstance(err, CheckpointError) else describe_error(err),
-                           getattr(err, "exit_code", 1))
-                error = err
-        result, failure = broadcast_object(self.ctx, (result, failure))
-        if failure is not None:
-            if self.ctx.is_main:
-                raise error
-            raise PeerFailure(*failure)
-        return result
 
     def raise_if_any_failed(self, err: BaseException | None) -> None:
         """Collective: raise :class:`SaveAborted` on every rank with the first rank's failure, if any."""
@@ -258,12 +239,11 @@ class Checkpointer:
 
     def _candidates(self, prefer: Preference) -> tuple[list[CheckpointInfo], list[CheckpointInfo]]:
         """(candidates in the order to try, every folder), decided by rank 0 and the same on every rank."""
-        infos = self.on_main(self.storage.list)
+        infos = on_main(self.ctx, self.storage.list)
         live = self.storage.committed(infos) if self.ctx.is_main else [i for i in infos if i.live]
         if prefer == "newest":
             return list(reversed(live)), infos
-        # Best reported validation loss first; ties and checkpoints without one: newest first.
-        return sorted(live, key=lambda i: (i.loss, -i.step, -i.attempt)), infos
+        return sorted(live, key=CheckpointInfo.best_first), infos
 
     def _on_every_rank(self, fn: Callable[[], T]) -> tuple[T | None, list[tuple[str, str]]]:
         """Run ``fn`` on every rank; returns its result here and every rank's failure (a collective)."""
@@ -317,7 +297,7 @@ class Checkpointer:
                     self.storage.set_aside(info.name, "corrupt", reason)
         blocking = rejections + [
             Rejection(self.storage.folder_url(i.name), f"set aside earlier: {i.set_aside.get('reason', '?')}")
-            for i in infos if i.set_aside is not None and i.set_aside.get("kind") == "corrupt"
+            for i in infos if i.set_aside_kind == "corrupt"
         ]
         if not blocking:
             return None
@@ -331,34 +311,28 @@ class Checkpointer:
 
     # ------------------------------------------------------------------------- setting aside
 
-    def set_aside(self, infos: Sequence[CheckpointInfo], kind: SetAsideKind, reason: str) -> None:
-        """Rank 0 marks ``infos`` as never to be resumed from (they stay where they are)."""
-        if self.ctx.is_main:
-            for info in infos:
-                self.storage.set_aside(info.name, kind, reason)
-
     def set_aside_all(self, reason: str) -> list[str]:
         """``checkpoint.on_unreadable restart``: set aside every checkpoint (collective); returns their URLs."""
         def set_aside_all() -> list[str]:
-            infos = [i for i in self.storage.list() if i.committed and (i.set_aside is None or
-                                                                        i.set_aside.get("kind") == "corrupt")]
+            infos = [i for i in self.storage.list() if i.committed and i.set_aside_kind in (None, "corrupt")]
             for info in infos:
                 old = (info.set_aside or {}).get("reason")
                 self.storage.set_aside(info.name, "restarted", reason + (f" (it had failed: {old})" if old else ""))
             return [self.storage.folder_url(i.name) for i in infos]
 
-        return self.on_main(set_aside_all)
+        return on_main(self.ctx, set_aside_all)
 
     def abandon_newer_than(self, info: CheckpointInfo) -> list[str]:
         """After divergence recovery went back to ``info``: set aside the newer checkpoints of the diverged
         trajectory, so that a restart never resumes from them (collective); returns their URLs."""
         def abandon() -> list[str]:
             newer = [i for i in self.storage.committed() if i.order > info.order]
-            self.set_aside(newer, "abandoned",
-                           f"divergence recovery went back to {info.name} (best reported validation loss)")
+            for other in newer:
+                self.storage.set_aside(other.name, "abandoned",
+                                       f"divergence recovery went back to {info.name} (best reported validation loss)")
             return [self.storage.folder_url(i.name) for i in newer]
 
-        return self.on_main(abandon)
+        return on_main(self.ctx, abandon)
 
     def prune(self, keep_last: int, keep_best: bool) -> None:
         """Rank 0 deletes old checkpoints (never fails training)."""

@@ -132,6 +132,15 @@ class CheckpointInfo:
     def order(self) -> tuple[int, int]:
         return self.step, self.attempt
 
+    @property
+    def set_aside_kind(self) -> str | None:
+        """Why it is set aside (``corrupt``, ``abandoned``, ``restarted``), None when it is not."""
+        return None if self.set_aside is None else self.set_aside.get("kind")
+
+    def best_first(self) -> tuple[float, int, int]:
+        """Sort key: lowest reported validation loss first; ties, and checkpoints without one, newest first."""
+        return self.loss, -self.step, -self.attempt
+
 
 class CheckpointStorage:
     """Lists, names, sets aside and prunes the checkpoint folders under ``url``.
@@ -308,7 +317,7 @@ class CheckpointStorage:
         live = [i for i in infos if i.live]
         keep = {i.name for i in live[-keep_last:]}
         if keep_best and live:
-            best = min(live, key=lambda i: (i.loss, -i.step, -i.attempt))
+            best = min(live, key=CheckpointInfo.best_first)
             if math.isfinite(best.loss):
                 keep.add(best.name)
         newest = live[-1].order if live else (-1, -1)
