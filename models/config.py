@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = ["ModelConfig"]
 
@@ -26,20 +26,38 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    cell: Literal["lstm", "rlstm"] = "rlstm"
-    vocab_size: int | None = None
-    hidden_size: int = 256
-    num_layers: int = 2
-    mogrifier_rounds: int = 0
-    mogrifier_rank: int = 0
-    capped_input_gate: bool = True
-    tie_embeddings: bool = False
-    input_dropout: float = 0.0
-    state_dropout: float = 0.0
-    cell_output_dropout: float = 0.0
-    output_dropout: float = 0.0
-    chrono_t_max: float | None = None
-    forget_bias_init: float = 0.0
+    cell: Literal["lstm", "rlstm"] = Field(
+        default="rlstm", description="Recurrent cell: lstm (thesis eq. 2.1) or rlstm (Rewired LSTM, §4.1)."
+    )
+    vocab_size: int | None = Field(
+        default=None, description="Vocabulary size (embedding and softmax rows); null = from the dataset manifest."
+    )
+    hidden_size: int = Field(default=256, description="Hidden size n of every layer; also the embedding size.")
+    num_layers: int = Field(default=2, description="Recurrent layers L; each reads the sum of the lower layers' outputs.")
+    mogrifier_rounds: int = Field(
+        default=0, description="Mogrifier rounds gating input and state before each cell (eq. 2.2); 0 = none."
+    )
+    mogrifier_rank: int = Field(
+        default=0, description="Rank of the Mogrifier matrices; 0 (or >= their sizes) = full rank."
+    )
+    capped_input_gate: bool = Field(
+        default=True, description="Cap the input gate at 1 - f; only cell lstm can turn it off (rlstm always caps)."
+    )
+    tie_embeddings: bool = Field(default=False, description="Use the input embedding as the softmax (output) embedding.")
+    input_dropout: float = Field(default=0.0, description="Dropout rate of the input embeddings, in [0, 1).")
+    state_dropout: float = Field(
+        default=0.0, description="Variational dropout rate of the recurrent state (one mask per layer per window)."
+    )
+    cell_output_dropout: float = Field(
+        default=0.0, description="Dropout rate of each layer's output, before the residual and output sums."
+    )
+    output_dropout: float = Field(default=0.0, description="Dropout rate of the summed layer outputs, before the softmax.")
+    chrono_t_max: float | None = Field(
+        default=None, description="Chrono init of the forget bias, ln U(1, T_max - 1), T_max > 2; null = forget_bias_init."
+    )
+    forget_bias_init: float = Field(
+        default=0.0, description="Constant initial forget-gate bias, used when chrono_t_max is null."
+    )
 
     @field_validator("vocab_size")
     @classmethod

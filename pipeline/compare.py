@@ -1,9 +1,11 @@
 """Compare pipeline runs tracked in MLflow: a side-by-side table and a plot.
 
 ``python -m pipeline compare --experiment NAME`` (every pipeline run of an experiment, newest first)
-or ``python -m pipeline compare --run-ids ID [ID ...]`` prints one column per run -- the config
-params that differ between the runs, then the final metrics -- and writes ``compare.png`` with the
-validation curves overlaid and the final bpc (or perplexity) per run as bars.
+or ``python -m pipeline compare --run-ids ID [ID ...]`` (full ids or unique prefixes, such as the
+8-character ids the table shows) prints one column per run -- the config params that differ between
+the runs, then the final metrics -- and writes a PNG with the validation curves overlaid and the final
+bpc (or perplexity) per run as dots on a zoomed axis, by default under the work root
+(``runs/compare/...``, see :func:`default_output`), and prints its path.
 
 The MLflow layout read here is the tracker's (:mod:`pipeline.tracking`): one *parent* run per
 pipeline run (tag ``pipeline.kind=pipeline``; params = the flattened resolved config, see
@@ -24,7 +26,9 @@ import argparse
 import logging
 import math
 import os
+import re
 import sys
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_TRACKING_URI",
+    "DEFAULT_WORK_ROOT",
     "Comparison",
     "ComparisonError",
     "NoRunsError",
@@ -43,14 +48,19 @@ __all__ = [
     "UnknownExperimentError",
     "UnknownRunError",
     "compare_runs",
+    "default_output",
     "register_commands",
+    "resolve_run_id",
     "resolve_tracking_uri",
+    "work_root",
 ]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TRACKING_URI = "sqlite:///runs/mlflow.db"
 """The pipeline's local default store (``runs/mlflow.db`` under the working directory)."""
+DEFAULT_WORK_ROOT = Path("runs")
+"""The pipeline's default work root (the runs' folders), relative to the working directory."""
 
 PARENT_TAG = "mlflow.parentRunId"
 KIND_TAG = "pipeline.kind"
@@ -324,12 +334,111 @@ def _get_run(client: MlflowClient, run_id: str, *, given: str) -> Run:
     return run
 
 
+_FULL_ID = re.compile(r"[0-9a-f]{32}")
+# A prefix is searched with SQL LIKE: wildcard and quote characters cannot be part of an MLflow run id
+# (uuid4 hex) anyway, and would otherwise match other runs or break the filter.
+_NOT_IN_ID = re.compile(r"[%_'\"\\\s]")
+_MAX_LISTED = 10  # matching ids named in an ambiguity error
+
+
+def _active_experiments(client: MlflowClient) -> list[Any]:
+    from mlflow.entities import ViewType
+
+    experiments: list[Any] = []
+    token = None
+    while True:
+        page = client.search_experiments(view_type=ViewType.ACTIVE_ONLY, max_results=1000, page_token=token)
+        experiments += page
+        token = page.token
+        if not token:
+            return experiments
+
+
+def _pipeline_id(run: Run) -> str:
+    """The id of the pipeline run ``run`` belongs to (its parent for a stage run, else itself)."""
+    return run.data.tags.get(PARENT_TAG) or run.info.run_id
+
+
+def _describe(run: Run) -> str:
+    """``"<id> (<run name>, stage <stage> of <parent id>)"`` for an error message."""
+    tags = run.data.tags
+    parts = [tags.get("mlflow.runName") or run.info.run_name or ""]
+    if PARENT_TAG in tags:
+        parts.append(f"stage {tags.get(STAGE_TAG, '?')} of {tags[PARENT_TAG][:8]}")
+    return f"{run.info.run_id} ({', '.join(p for p in parts if p)})"
+
+
+def resolve_run_id(client: MlflowClient, given: str) -> str:
+    """The full run id that ``given`` names: the id itself, or the one run id it is a prefix of.
+
+    A full 32-character id is looked up directly. Anything else is taken as a prefix (such as the
+    8-character ids ``compare`` prints) and searched for in every active experiment; prefixes of
+    several runs are accepted when the runs are one pipeline run and its stages (they stand for the same
+    pipeline run, whose id is returned). Raises :class:`UnknownRunError` when no active run matches
+    (naming the experiments searched, or the deleted runs that match) or when the runs that match belong
+    to different pipeline runs (listing them).
+    """
+    from mlflow.entities import ViewType
+
+    given = given.strip()
+    if re.fullmatch(r"[0-9A-Fa-f]+", given):
+        given = given.lower()  # MLflow writes run ids in lower-case hex; LIKE compares case-sensitively
+    if _FULL_ID.fullmatch(given) or not given:
+        return given  # looked up (and reported when missing) by _get_run
+    experiments = _active_experiments(client)
+    names = ", ".join(sorted(repr(e.name) for e in experiments)) or "none"
+    not_found = UnknownRunError(
+        f"run {given!r} is not in the tracking store ({client.tracking_uri}): no run id starts with it in the "
+        f"experiments searched ({names}); check the id (`mlflow runs list --experiment-id ...`) or point "
+        "--tracking-uri / MLFLOW_TRACKING_URI at the right store"
+    )
+    if _NOT_IN_ID.search(given) or not experiments:
+        return _only_if_exact(client, given, not_found)
+    page = client.search_runs(
+        [e.experiment_id for e in experiments], f"attributes.run_id LIKE '{given}%'", run_view_type=ViewType.ALL,
+        max_results=100,
+    )
+    matches = [run for run in page if run.info.lifecycle_stage == "active"]
+    if not matches:
+        deleted = [run.info.run_id for run in page]
+        if deleted:
+            raise UnknownRunError(
+                f"run {given!r} matches only deleted runs ({', '.join(deleted[:_MAX_LISTED])}); restore one "
+                "(`mlflow runs restore --run-id ID`) or leave it out"
+            )
+        return _only_if_exact(client, given, not_found)
+    pipelines = {_pipeline_id(run) for run in matches}
+    if len(pipelines) == 1 and not page.token:
+        (only,) = pipelines
+        return only if len(matches) > 1 else matches[0].info.run_id
+    listed = [_describe(run) for run in matches[:_MAX_LISTED]]
+    more = " and more" if page.token or len(matches) > _MAX_LISTED else ""
+    raise UnknownRunError(
+        f"run id prefix {given!r} is ambiguous: it matches {'; '.join(listed)}{more}; give more characters"
+    )
+
+
+def _only_if_exact(client: MlflowClient, given: str, not_found: UnknownRunError) -> str:
+    """``given`` when it is itself a run id (ids outside the uuid form, runs in deleted experiments)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(given)
+    except MlflowException as err:
+        if not _not_found(err):
+            raise
+        raise not_found from None
+    return given
+
+
 def _given_parents(client: MlflowClient, run_ids: Sequence[str]) -> list[Run]:
-    """The pipeline (parent) run of each id, in order, without duplicates; a stage id gives its parent."""
+    """The pipeline (parent) run of each id or unique id prefix, in order, without duplicates; a stage id
+    gives its parent."""
     runs: list[Run] = []
     seen: set[str] = set()
     for given in run_ids:
-        run = _get_run(client, given, given=given)
+        run_id = resolve_run_id(client, given)
+        run = _get_run(client, run_id, given=run_id)
         parent_id = run.data.tags.get(PARENT_TAG)
         if parent_id:
             run = _get_run(client, parent_id, given=given)
@@ -455,16 +564,45 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
-def _missing_sqlite_store(uri: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URI when it does not exist (reading must not create it)."""
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for other stores and in-memory databases)."""
     prefix = "sqlite:///"
     if not uri.startswith(prefix):
         return None
     path = uri[len(prefix):].split("?", 1)[0]
-    if not path or path == ":memory:":
-        return None
-    path = Path(path)
-    return None if path.exists() else path
+    return Path(path) if path and path != ":memory:" else None
+
+
+def _missing_sqlite_store(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI when it does not exist (reading must not create it)."""
+    path = _sqlite_path(uri)
+    return None if path is None or path.exists() else path
+
+
+def work_root(uri: str) -> Path:
+    """Where ``compare`` writes its plots by default: the work root of the runs in the store ``uri``.
+
+    The pipeline keeps its local store next to the runs' folders (``sqlite:///<work root>/mlflow.db``,
+    :func:`pipeline.tracking.runs.default_tracking_uri`), so a local SQLite store's folder is the work
+    root; for any other store (a tracking server) it is :data:`DEFAULT_WORK_ROOT` under the current
+    directory. Both are git-ignored, unlike the current directory (the repository, often).
+    """
+    store = _sqlite_path(uri)
+    return store.parent if store is not None else DEFAULT_WORK_ROOT
+
+
+def default_output(uri: str, comparison: Comparison, now: float | None = None) -> Path:
+    """``<work root>/compare/compare-<experiment or short ids>-<UTC time>.png`` (see :func:`work_root`).
+
+    The time stamp keeps earlier comparisons; the name says what was compared.
+    """
+    if comparison.experiment is not None:
+        what = comparison.experiment
+    else:
+        what = "-".join(run.short_id for run in comparison.runs[:4]) + ("-etc" if len(comparison.runs) > 4 else "")
+    what = re.sub(r"[^A-Za-z0-9._-]+", "_", what).strip("._") or "runs"
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
+    return work_root(uri) / "compare" / f"compare-{what}-{stamp}.png"
 
 
 def register_commands(subparsers: Any) -> None:
@@ -478,11 +616,14 @@ def register_commands(subparsers: Any) -> None:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--experiment", metavar="NAME", help="every pipeline run of this MLflow experiment, newest first")
     which.add_argument("--run-ids", nargs="+", metavar="ID", default=[],
-                       help="these runs (a stage run's id stands for its pipeline run)")
+                       help="these runs, by id or any unique prefix of one (such as the 8 characters the table "
+                       "shows); a stage run's id stands for its pipeline run")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="with --experiment: only the newest N runs")
     p.add_argument("--tracking-uri", default=None,
                    help=f"MLflow tracking URI; default $MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI}")
-    p.add_argument("--output", type=Path, default=Path("compare.png"), help="where to write the plot (PNG)")
+    p.add_argument("--output", type=Path, default=None,
+                   help="where to write the plot (PNG); default <work root>/compare/compare-<what>-<time>.png, the "
+                   "work root being the folder of a local SQLite store, else ./runs")
     p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(handler=_main)
 
@@ -515,6 +656,6 @@ def _main(args: argparse.Namespace) -> int:
         print(f"error: cannot read the MLflow store {uri}: {err.message}", file=sys.stderr)
         return 1
     print(comparison.format_table())
-    path = comparison.write_plot(args.output)
+    path = comparison.write_plot(args.output or default_output(uri, comparison))
     print(f"plot written to {path}", file=sys.stderr)
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,8 +31,10 @@ __all__ = [
     "TrackingConfig",
     "TrainConfig",
     "flatten_config",
+    "config_purpose",
     "load_config",
     "shipped_config_names",
+    "shipped_config_purposes",
 ]
 
 
@@ -49,43 +52,44 @@ class DataConfig(_Strict):
     """Where the corpus comes from and where its token arrays go."""
 
     dataset: Literal["enwik8", "text8", "ptb_word", "ptb_char", "text"] = Field(
-        description="Corpus kind: enwik8, text8, ptb_word, ptb_char or text (any text file, one token per byte)."
+        description="Corpus: enwik8, text8, ptb_word, ptb_char, or text (any text file, one token per byte)."
     )
     source: str = Field(
-        description="fsspec URL or local path of the canonical archive / directory / text file. "
-        "The special value 'sample' means the small WikiText-2 sample shipped with the package."
+        description="URL or path of the corpus archive / folder / text file; 'sample' = the bundled WikiText-2 excerpt."
     )
     dir: str | None = Field(
-        default=None, description="Local folder for the tokenised arrays; default <work_root>/data/<dataset>."
+        default=None, description="Local folder of the tokenised arrays; null = data/<dataset> under the current folder."
     )
-    cache_dir: str | None = Field(default=None, description="Download cache; default next to the data dir.")
-    verify_source: bool = Field(default=True, description="Check size and sha256 of the download against known facts.")
+    cache_dir: str | None = Field(default=None, description="Download cache folder; null = .downloads next to the data folder.")
+    verify_source: bool = Field(
+        default=True, description="Check the download's size and sha256 against the known values; false = use it as is."
+    )
 
 
 class OptimizerConfig(_Strict):
     """Optimizer and the gradient-side regularisers."""
 
-    name: Literal["adam", "radam"] = Field(default="radam", description="Adam or Rectified Adam (thesis §4.4).")
-    lr: float = Field(default=2e-3, gt=0, description="Base learning rate.")
-    beta1: float = Field(default=0.0, ge=0, lt=1, description="First-moment decay; the thesis uses 0 (RMSProp-like).")
-    beta2: float = Field(default=0.999, gt=0, lt=1, description="Second-moment decay.")
-    eps: float = Field(default=1e-9, gt=0, description="Adam epsilon.")
-    clip_norm: float | None = Field(default=10.0, gt=0, description="Clip the global gradient norm to this; null disables.")
-    l2_penalty: float = Field(default=0.0, ge=0, description="Adds l2_penalty * 0.5 * sum(w^2) to the loss.")
+    name: Literal["adam", "radam"] = Field(default="radam", description="adam, or radam: Rectified Adam (thesis §4.4).")
+    lr: float = Field(default=2e-3, gt=0, description="Base learning rate (lowered by train.divergence_lr_decay after a divergence).")
+    beta1: float = Field(default=0.0, ge=0, lt=1, description="Adam beta1, the first-moment decay; the thesis uses 0 (RMSProp-like).")
+    beta2: float = Field(default=0.999, gt=0, lt=1, description="Adam beta2, the second-moment decay.")
+    eps: float = Field(default=1e-9, gt=0, description="Adam epsilon (added to the denominator).")
+    clip_norm: float | None = Field(default=10.0, gt=0, description="Clip the global gradient L2 norm to this; null = no clipping.")
+    l2_penalty: float = Field(default=0.0, ge=0, description="L2 regularisation: adds l2_penalty * 0.5 * sum(w^2) to the loss; 0 = none.")
 
 
 class AveragingConfig(_Strict):
     """Weight averaging: Two-Tailed Averaging (default) or the TA / EMA baselines."""
 
     method: Literal["two_tailed", "tail", "ema", "none"] = Field(
-        default="two_tailed", description="two_tailed (thesis Alg. 2), tail (eq. 3.2), ema (eq. 3.1) or none."
+        default="two_tailed", description="two_tailed (thesis Alg. 2), tail (eq. 3.2), ema (eq. 3.1) or none (raw weights)."
     )
     reset_patience: int | None = Field(
-        default=3, ge=1, description="2TA: reset an average that has not improved for this many evaluations; null disables."
+        default=3, ge=1, description="2TA: reset an average not improved for this many evaluations; null = never reset."
     )
-    raw_fallback: bool = Field(default=True, description="2TA: report the raw weights while they beat the long average.")
-    tail_start: int | None = Field(default=None, ge=0, description="tail: optimizer step at which averaging starts.")
-    ema_decay: float | None = Field(default=None, gt=0, lt=1, description="ema: decay rate beta of eq. 3.1.")
+    raw_fallback: bool = Field(default=True, description="2TA: report the raw weights while they are at least as good as the long average.")
+    tail_start: int | None = Field(default=None, ge=0, description="tail: optimizer step at which averaging starts (required by method tail).")
+    ema_decay: float | None = Field(default=None, gt=0, lt=1, description="ema: decay rate beta of eq. 3.1, e.g. 0.999 (required by method ema).")
 
     @model_validator(mode="after")
     def _method_parameters(self) -> AveragingConfig:
@@ -99,74 +103,73 @@ class AveragingConfig(_Strict):
 class TrainConfig(_Strict):
     """Truncated BPTT training."""
 
-    batch_size: int = Field(default=128, gt=0, description="Global batch size (number of contiguous stripes).")
-    bptt: int = Field(default=200, gt=0, description="Truncated BPTT window length.")
-    max_steps: int = Field(default=1000, gt=0, description="Optimizer steps to train for.")
-    dropout_samples: int = Field(default=1, ge=1, description="D of the multi-sample dropout objective (thesis §4.3).")
-    eval_every: int = Field(default=1000, gt=0, description="E: evaluate (and adapt 2TA) every this many steps.")
+    batch_size: int = Field(default=128, gt=0, description="Global batch size: contiguous token stripes, split evenly across ranks.")
+    bptt: int = Field(default=200, gt=0, description="Truncated BPTT window in tokens (one optimizer step per window).")
+    max_steps: int = Field(default=1000, gt=0, description="Train until this optimizer step (counted across resumes).")
+    dropout_samples: int = Field(default=1, ge=1, description="D: dropout samples per window in the multi-sample dropout objective (thesis §4.3).")
+    eval_every: int = Field(default=1000, gt=0, description="E: evaluate on validation (and adapt 2TA) every this many optimizer steps.")
     eval_tokens: int | None = Field(
-        default=None, gt=0, description="Validation tokens used by evaluations during training; null = all."
+        default=None, gt=0, description="Validation tokens scored by each evaluation during training; null = all."
     )
-    eval_batch_size: int = Field(default=64, gt=0, description="Batch size of evaluations during training.")
-    log_every: int = Field(default=50, gt=0, description="Steps between training-loss log lines.")
-    seed: int = Field(default=0, description="Seed of parameter init and dropout masks.")
+    eval_batch_size: int = Field(default=64, gt=0, description="Batch size (stripes) of the evaluations during training.")
+    log_every: int = Field(default=50, gt=0, description="Optimizer steps between training-loss log lines (and train/* metrics).")
+    seed: int = Field(default=0, description="Random seed of the parameter init and the dropout masks.")
     divergence_lr_decay: float = Field(
-        default=0.9, gt=0, lt=1, description="On a divergence, reload the best checkpoint and multiply lr by this (thesis §4.4)."
+        default=0.9, gt=0, lt=1, description="On a divergence: reload the best checkpoint, multiply lr by this (thesis §4.4)."
     )
-    max_divergence_restarts: int = Field(default=10, ge=0, description="Give up after this many divergence restarts.")
+    max_divergence_restarts: int = Field(default=10, ge=0, description="Give up (exit code 6) after this many divergence restarts.")
     divergence_loss_factor: float | None = Field(
-        default=5.0, gt=1, description="Also a divergence: a step whose training loss exceeds this multiple of the "
-        "lowest smoothed training loss so far (a loss that explodes without becoming non-finite); null disables.",
+        default=5.0, gt=1, description="Also a divergence: a training loss above this times its lowest smoothed value; "
+        "null = only NaN/inf.",
     )
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     averaging: AveragingConfig = Field(default_factory=AveragingConfig)
 
     engine: Literal["ddp", "deepspeed"] = Field(
-        default="ddp", description="ddp: torch DDP under torchrun (or a single process); deepspeed: a DeepSpeed engine."
+        default="ddp", description="ddp: torch DDP under torchrun (or one process); deepspeed: a DeepSpeed ZeRO engine."
     )
-    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="auto picks CUDA when available.")
-    precision: Literal["fp32", "bf16"] = Field(default="fp32", description="bf16: autocast on GPU (fp32 weights).")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Where to train: cuda, cpu, or auto (CUDA when available).")
+    precision: Literal["fp32", "bf16"] = Field(default="fp32", description="fp32, or bf16 autocast on GPU (weights stay fp32).")
     grad_accum_steps: int = Field(
-        default=1, ge=1, description="Split each rank's batch into this many micro-batches (same global batch and lr)."
+        default=1, ge=1, description="Split each rank's batch into this many micro-batches (same global batch, less memory)."
     )
-    zero_stage: Literal[1, 2] = Field(default=1, description="deepspeed: ZeRO stage (optimizer / + gradient sharding).")
+    zero_stage: Literal[1, 2] = Field(default=1, description="deepspeed: ZeRO stage 1 (shards optimizer state) or 2 (also gradients).")
 
 
 class CheckpointConfig(_Strict):
     """Where and how often checkpoints are committed."""
 
     url: str | None = Field(
-        default=None, description="fsspec URL (local path, s3://bucket/prefix, memory://); default <work_dir>/checkpoints."
+        default=None, description="Checkpoint folder: fsspec URL (path, s3://bucket/prefix, memory://); null = <work_dir>/checkpoints."
     )
-    every: int | None = Field(default=None, gt=0, description="Steps between checkpoints; default train.eval_every.")
-    keep_last: int = Field(default=2, ge=1, description="Keep this many newest committed checkpoints ...")
-    keep_best: bool = Field(default=True, description="... plus the one with the best reported validation loss.")
+    every: int | None = Field(default=None, gt=0, description="Optimizer steps between checkpoints; null = train.eval_every.")
+    keep_last: int = Field(default=2, ge=1, description="Keep this many newest committed checkpoints (older ones are deleted).")
+    keep_best: bool = Field(default=True, description="Also keep the checkpoint with the best reported validation loss.")
     storage_options: dict[str, Any] = Field(
-        default_factory=dict, description="fsspec options (e.g. {client_kwargs: {endpoint_url: ...}}); no secrets here."
+        default_factory=dict, description="fsspec options, e.g. {client_kwargs: {endpoint_url: ...}}; no secrets (use env vars)."
     )
-    retry_attempts: int = Field(default=5, ge=1, description="Tries per save / read against flaky storage.")
-    retry_base_delay: float = Field(default=1.0, ge=0, description="First backoff delay in seconds (doubles each try).")
-    retry_max_delay: float = Field(default=30.0, ge=0, description="Longest backoff delay in seconds.")
+    retry_attempts: int = Field(default=5, ge=1, description="Tries per checkpoint save / read on transient storage errors.")
+    retry_base_delay: float = Field(default=1.0, ge=0, description="Seconds of the first retry backoff (doubles each try).")
+    retry_max_delay: float = Field(default=30.0, ge=0, description="Longest retry backoff in seconds.")
     max_failed_saves: int = Field(
-        default=3, ge=1, description="Stop the run when this many saves in a row have failed (each after its retries); "
-        "the run's last save must always succeed.",
+        default=3, ge=1, description="Stop the run after this many failed saves in a row; the last save must succeed.",
     )
     on_unreadable: Literal["fail", "restart"] = Field(
-        default="fail", description="When checkpoints exist but none can be loaded: fail (exit code 4, nothing is "
-        "touched) or restart from step 0 (they are set aside with SET_ASIDE.json, never deleted).",
+        default="fail", description="Checkpoints exist but none loads: fail (exit code 4), or restart from step 0 "
+        "setting them aside.",
     )
     lease_ttl: float = Field(
-        default=60.0, ge=1, description="Seconds without a heartbeat after which another job may take over this "
-        "checkpoint location (a job heartbeats every lease_ttl / 6 s).",
+        default=60.0, ge=1, description="Seconds without a heartbeat before another job may take over the checkpoint "
+        "folder.",
     )
 
 
 class TemperatureScan(_Strict):
     """Softmax temperatures tried on the validation set (one pass computes all of them)."""
 
-    min: float = Field(default=0.8, gt=0)
-    max: float = Field(default=1.2, gt=0)
-    num: int = Field(default=41, ge=1)
+    min: float = Field(default=0.8, gt=0, description="Lowest softmax temperature tried.")
+    max: float = Field(default=1.2, gt=0, description="Highest softmax temperature tried.")
+    num: int = Field(default=41, ge=1, description="Temperatures tried, evenly spaced from min to max (plus 1.0).")
 
     @model_validator(mode="after")
     def _ordered(self) -> TemperatureScan:
@@ -178,39 +181,41 @@ class TemperatureScan(_Strict):
 class EvaluateConfig(_Strict):
     """Final evaluation with the reported (2TA long-average) weights."""
 
-    batch_size: int = Field(default=16, gt=0, description="Evaluation batch size (stripes).")
-    bptt: int = Field(default=200, gt=0, description="Evaluation window length (state carried across windows).")
-    max_tokens: int | None = Field(default=None, gt=0, description="Evaluate at most this many tokens per split; null = all.")
+    batch_size: int = Field(default=16, gt=0, description="Batch size (stripes) of the final evaluation.")
+    bptt: int = Field(default=200, gt=0, description="Window in tokens of the final evaluation (state carried across windows).")
+    max_tokens: int | None = Field(default=None, gt=0, description="Score at most this many tokens of each split (valid, test); null = all.")
     temperature: TemperatureScan = Field(default_factory=TemperatureScan)
 
 
 class TrackingConfig(_Strict):
     """MLflow tracking."""
 
-    enabled: bool = Field(default=True, description="Log to MLflow.")
+    enabled: bool = Field(default=True, description="Log params, metrics and artifacts to MLflow; false = no tracking.")
     uri: str | None = Field(
         default=None,
-        description="Tracking URI; default $MLFLOW_TRACKING_URI, else a SQLite store sqlite:///<work_dir>/mlflow.db.",
+        # The real default is pipeline.tracking's default_tracking_uri: next to the run folders, not in one.
+        description="Tracking URI; null = $MLFLOW_TRACKING_URI, else sqlite:///<work_dir>/../mlflow.db "
+        "(runs/mlflow.db by default).",
     )
-    experiment: str | None = Field(default=None, description="Experiment name; default the config name.")
+    experiment: str | None = Field(default=None, description="MLflow experiment name; null = the config name.")
     run_key: str | None = Field(
         default=None,
-        description="Names one pipeline run across stages and pods: stages with the same key log under one parent "
-        "run (tag pipeline.run_key). Default $PIPELINE_RUN_KEY; $MLFLOW_RUN_ID (a parent run id) wins over both.",
+        description="Stages (pods) with the same key share one parent run; null = $PIPELINE_RUN_KEY; $MLFLOW_RUN_ID "
+        "overrides.",
     )
     system_metrics: bool = Field(default=True, description="Log CPU, memory and GPU utilisation as system/* metrics.")
     system_metrics_interval: float = Field(default=10.0, gt=0, description="Seconds between system metric samples.")
     plots: bool = Field(default=True, description="Log learning-curve, averaging-length and summary plots as artifacts.")
     register_model: bool = Field(
-        default=True, description="Log the reported (2TA) model with mlflow.pytorch and register it under the experiment name."
+        default=True, description="Log the reported (2TA) model and register it under the experiment name."
     )
     request_timeout: float = Field(default=10.0, gt=0, description="Seconds one call to the tracking server may take.")
     retry_max_delay: float = Field(
-        default=30.0, gt=0, description="Longest wait between retries while the tracking server is unreachable."
+        default=30.0, gt=0, description="Longest wait in seconds between retries while the tracking server is unreachable."
     )
     flush_timeout: float = Field(
-        default=60.0, ge=0, description="At the end of a stage, wait this long for an unreachable server; what is "
-        "still unsent is then kept in <work_dir>/mlflow_pending.jsonl and sent by the next stage or `python -m pipeline flush`.",
+        default=60.0, ge=0, description="Seconds to wait at a stage's end for an unreachable server; the rest is sent "
+        "by the next stage or `flush`.",
     )
 
 
@@ -281,10 +286,12 @@ class GpuPodResources(PodResources):
 class Toleration(_Strict):
     """A Kubernetes toleration, e.g. {key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}."""
 
-    key: str | None = None
-    operator: Literal["Equal", "Exists"] = "Equal"
-    value: str | None = None
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    key: str | None = Field(default=None, description="Taint key; null with operator Exists = every taint.")
+    operator: Literal["Equal", "Exists"] = Field(default="Equal", description="Equal: key and value match; Exists: key only.")
+    value: str | None = Field(default=None, description="Taint value (operator Equal).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to tolerate; null = every effect."
+    )
 
 
 # Per-pod defaults; a partial override (`--cluster.train.gpus 8`) keeps the other defaults of its pod.
@@ -301,7 +308,11 @@ class ClusterConfig(_Strict):
 
     image: str = Field(
         default="ghcr.io/rlm-pipeline/rlm-pipeline:0.1.0",
-        description="Container image with a pinned tag or @sha256 digest (never 'latest').",
+        description="Image of the train and evaluate pods (CUDA torch), pinned by tag or @sha256 digest, never 'latest'.",
+    )
+    cpu_image: str | None = Field(
+        default="ghcr.io/rlm-pipeline/rlm-pipeline:0.1.0-cpu",
+        description="Image of the pods without a GPU (driver, prepare, buckets, MLflow): the TORCH=cpu build; null = cluster.image.",
     )
     image_pull_policy: Literal["IfNotPresent", "Always"] = Field(
         default="Always", description="Pull policy; Always re-checks the tag's digest (layers stay cached)."
@@ -311,12 +322,14 @@ class ClusterConfig(_Strict):
         default=None, description="Name of the driver Job (and prefix of its stage Jobs); default the config name."
     )
     nodes: int = Field(default=1, ge=1, description="Train pods (nodes) of the Indexed train Job.")
-    nproc_per_node: int | None = Field(default=None, ge=1, description="torchrun processes per pod; default train.gpus or 1.")
+    nproc_per_node: int | None = Field(default=None, ge=1, description="torchrun processes per train pod; null = cluster.train.gpus, or 1.")
     rdzv_port: int = Field(default=29500, ge=1024, le=65535, description="Port of the rendezvous on train pod 0.")
-    driver: PodResources = Field(default_factory=lambda: PodResources(**_POD_DEFAULTS["driver"]))
-    prepare: PodResources = Field(default_factory=lambda: PodResources(**_POD_DEFAULTS["prepare"]))
-    train: GpuPodResources = Field(default_factory=lambda: GpuPodResources(**_POD_DEFAULTS["train"]))
-    evaluate: GpuPodResources = Field(default_factory=lambda: GpuPodResources(**_POD_DEFAULTS["evaluate"]))
+    driver: PodResources = Field(default_factory=lambda: PodResources(**_POD_DEFAULTS["driver"]), description="The driver pod.")
+    prepare: PodResources = Field(default_factory=lambda: PodResources(**_POD_DEFAULTS["prepare"]), description="The prepare pod.")
+    train: GpuPodResources = Field(default_factory=lambda: GpuPodResources(**_POD_DEFAULTS["train"]), description="Each train pod.")
+    evaluate: GpuPodResources = Field(
+        default_factory=lambda: GpuPodResources(**_POD_DEFAULTS["evaluate"]), description="The evaluate pod."
+    )
     shm_size: str = Field(default="8Gi", description="Size of /dev/shm (memory emptyDir) in train and evaluate pods.")
     scratch_size: str = Field(default="100Gi", description="Size limit of the writable /work emptyDir of a stage pod.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the GPU pods (train, evaluate) need.")
@@ -328,15 +341,15 @@ class ClusterConfig(_Strict):
         default=50, ge=0, description="Separate bound on re-creations after preemption (these do not use max_train_restarts)."
     )
     backoff_limit: int = Field(default=2, ge=0, description="Pod retries of the driver, prepare and evaluate Jobs.")
-    ttl_seconds_after_finished: int = Field(default=7 * 24 * 3600, ge=0, description="Finished Jobs are deleted after this.")
-    poll_seconds: float = Field(default=10.0, gt=0, description="The driver checks stage Job conditions this often.")
+    ttl_seconds_after_finished: int = Field(default=7 * 24 * 3600, ge=0, description="Seconds after which finished Jobs are deleted (default 7 days).")
+    poll_seconds: float = Field(default=10.0, gt=0, description="Seconds between the driver's checks of its stage Jobs.")
     storage_url: str = Field(
         default="s3://rlm-pipeline", description="Object storage root: datasets/<dataset> and runs/<name>/<run>/checkpoints."
     )
     dataset_url: str | None = Field(
         default=None,
-        description="Where prepare publishes the tokenised data and train/evaluate fetch it (fsspec URL); null locally "
-        "(local data only); in the cluster default <storage_url>/datasets/<data.dataset>.",
+        description="fsspec URL where prepare publishes the data for train/evaluate; null = local only (the cluster "
+        "uses <storage_url>/datasets/<dataset>).",
     )
     s3_endpoint: str | None = Field(
         default=None, description="S3 endpoint of the stage pods (AWS_ENDPOINT_URL); default the in-cluster MinIO."
@@ -356,10 +369,12 @@ class ClusterConfig(_Strict):
 
     @model_validator(mode="after")
     def _valid_names(self) -> ClusterConfig:
-        problem = _image_problem(self.image)
-        if problem:
-            raise ValueError(f"cluster.image {self.image!r} is not pinned: {problem}; use a version tag or an @sha256 "
-                             "digest, e.g. ghcr.io/org/rlm-pipeline:0.1.0")
+        for field in ("image", "cpu_image"):
+            image = getattr(self, field)
+            problem = image is not None and _image_problem(image)
+            if problem:
+                raise ValueError(f"cluster.{field} {image!r} is not pinned: {problem}; use a version tag or an @sha256 "
+                                 "digest, e.g. ghcr.io/org/rlm-pipeline:0.1.0")
         for field in ("namespace", "run_name"):
             value = getattr(self, field)
             if value is not None and (len(value) > 40 or not _is_dns_label(value)):
@@ -376,8 +391,8 @@ class ClusterConfig(_Strict):
 class PipelineConfig(_Strict):
     """A whole experiment: data, model, training, evaluation, tracking and how it runs on a cluster."""
 
-    name: str = Field(description="Experiment name (used for the work dir and the MLflow experiment).")
-    work_dir: str | None = Field(default=None, description="Local folder for this run; default runs/<name>.")
+    name: str = Field(description="Experiment name: names the work dir and the MLflow experiment.")
+    work_dir: str | None = Field(default=None, description="Local folder of this run (resolved config, logs, checkpoints); null = runs/<name>.")
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -422,6 +437,52 @@ def _configs_dir() -> Path:
 def shipped_config_names() -> list[str]:
     """Names of the experiment configs shipped in ``pipeline/configs``."""
     return sorted(p.stem for p in _configs_dir().glob("*.yaml"))
+
+
+PURPOSE_WIDTH = 110  # characters of a config's one-line purpose (`python -m pipeline configs`)
+
+
+def config_purpose(yaml_text: str, width: int = PURPOSE_WIDTH) -> str:
+    """The one-line purpose of a config file: the first sentence of its leading comment.
+
+    A sentence longer than ``width`` is cut, outside parentheses, at its last ``;`` ``:`` or opening
+    parenthesis that fits and keeps at least half of ``width``, else at its last ``,`` that fits, else at
+    a word with ``...``. ``""`` without a comment.
+    """
+    lines: list[str] = []
+    for line in yaml_text.splitlines():
+        text = line.strip()
+        if not text.startswith("#"):
+            if text or lines:
+                break
+            continue
+        lines.append(text.lstrip("#").strip())
+    comment = " ".join(part for part in lines if part)
+    # A sentence ends at . ! or ? before a capital: "thesis ch. 4" and "e.g. ../data" do not end one.
+    sentence = re.split(r"(?<=[.!?])\s+(?=[A-Z])", comment, maxsplit=1)[0].rstrip(".")
+    if len(sentence) <= width:
+        return sentence
+    depth, strong, weak = 0, [], []
+    for i, char in enumerate(sentence):
+        if char in "([{":
+            if depth == 0 and i > 0 and sentence[i - 1] == " ":
+                strong.append(i - 1)
+            depth += 1
+        elif char in ")]}":
+            depth = max(0, depth - 1)
+        elif depth == 0 and char in ",;:" and sentence[i + 1 : i + 2] == " ":
+            (weak if char == "," else strong).append(i)
+    # A colon or parenthesis ends a phrase ("... ~48M parameters (thesis ...)"); a comma may split a list.
+    cut = max([c for c in strong if width // 2 <= c <= width] or [c for c in weak if c <= width]
+              or [c for c in strong if c <= width] or [0])
+    if cut:
+        return sentence[:cut].rstrip(" ,;:")
+    return sentence[: width - 3].rsplit(" ", 1)[0] + "..."
+
+
+def shipped_config_purposes() -> dict[str, str]:
+    """``{name: one-line purpose}`` of every shipped config, by name (see :func:`config_purpose`)."""
+    return {name: config_purpose((_configs_dir() / f"{name}.yaml").read_text()) for name in shipped_config_names()}
 
 
 def _resolve_config_path(name_or_path: str | os.PathLike) -> Path:

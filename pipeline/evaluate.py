@@ -8,6 +8,7 @@ deepmind/lamb's evaluation. The test set is then scored with and without the tun
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -32,7 +33,10 @@ __all__ = [
     "EvaluationResult",
     "bits_per_token",
     "evaluate_nll",
+    "evaluation_fingerprint",
+    "final_model_step",
     "load_final_model",
+    "previous_evaluation",
     "run_evaluate",
     "scan_temperature",
 ]
@@ -61,20 +65,25 @@ def evaluate_nll(
     bptt: int,
     max_tokens: int | None = None,
     temperatures: list[float] | tuple[float, ...] = (1.0,),
+    progress_desc: str | None = None,
 ) -> tuple[list[float], int]:
     """Mean negative log-likelihood (nats/token) of ``tokens`` at each temperature, and the token count.
 
     ``tokens``: 1-D array of token ids. The model runs in eval mode (no dropout); its training mode
-    is restored afterwards.
+    is restored afterwards. ``progress_desc``: show progress (tokens scored) under this name.
     """
+    from pipeline.console import progress
+
     was_training = model.training
     model.eval()
+    tokens = _limit(tokens, max_tokens)
+    bar = progress(max(len(tokens) - 1, 0), progress_desc or "", "tok", disable=progress_desc is None, leave=False)
     try:
         temps = torch.tensor(list(temperatures), dtype=torch.float32)
         totals = torch.zeros(len(temps), dtype=torch.float64)
         count = 0
         state = None
-        for batch in evaluation_windows(_limit(tokens, max_tokens), batch_size, bptt):
+        for batch in evaluation_windows(tokens, batch_size, bptt):
             if state is None or batch.reset_state:
                 state = model.initial_state(batch.inputs.shape[1])
             logits, state = model(batch.inputs, state)
@@ -86,10 +95,12 @@ def evaluate_nll(
                 nll = F.cross_entropy(flat / t, targets, reduction="sum")
                 totals[k] += nll.double()
             count += targets.numel()
+            bar.update(targets.numel())
         if count == 0:
             raise ValueError("nothing to evaluate: the token array is shorter than one window")
         return (totals / count).tolist(), count
     finally:
+        bar.close()
         model.train(was_training)
 
 
@@ -103,10 +114,12 @@ def scan_temperature(
     t_max: float,
     num: int,
     max_tokens: int | None = None,
+    progress_desc: str | None = None,
 ) -> tuple[float, dict[float, float]]:
     """The softmax temperature in ``linspace(t_min, t_max, num)`` (plus 1.0) minimising validation NLL."""
     grid = sorted({round(float(t), 6) for t in np.linspace(t_min, t_max, num)} | {1.0})
-    losses, _ = evaluate_nll(model, valid_tokens, batch_size=batch_size, bptt=bptt, max_tokens=max_tokens, temperatures=grid)
+    losses, _ = evaluate_nll(model, valid_tokens, batch_size=batch_size, bptt=bptt, max_tokens=max_tokens, temperatures=grid,
+                             progress_desc=progress_desc)
     table = dict(zip(grid, losses))
     best = min(grid, key=lambda t: (table[t], abs(t - 1.0)))
     return best, table
@@ -151,13 +164,15 @@ def evaluate_model(model: RecurrentLM, config: PipelineConfig, manifest: Dataset
     test = load_tokens(config.data_dir, "test")
     best_t, table = scan_temperature(
         model, valid, batch_size=ev.batch_size, bptt=ev.bptt, max_tokens=ev.max_tokens,
-        t_min=ev.temperature.min, t_max=ev.temperature.max, num=ev.temperature.num,
+        t_min=ev.temperature.min, t_max=ev.temperature.max, num=ev.temperature.num, progress_desc="evaluate valid (T scan)",
     )
     (valid_nll_1,), valid_count = evaluate_nll(
-        model, valid, batch_size=ev.batch_size, bptt=ev.bptt, max_tokens=ev.max_tokens, temperatures=(1.0,)
+        model, valid, batch_size=ev.batch_size, bptt=ev.bptt, max_tokens=ev.max_tokens, temperatures=(1.0,),
+        progress_desc="evaluate valid",
     )
     (test_nll_1, test_nll_t), test_count = evaluate_nll(
-        model, test, batch_size=ev.batch_size, bptt=ev.bptt, max_tokens=ev.max_tokens, temperatures=(1.0, best_t)
+        model, test, batch_size=ev.batch_size, bptt=ev.bptt, max_tokens=ev.max_tokens, temperatures=(1.0, best_t),
+        progress_desc="evaluate test",
     )
     return EvaluationResult(
         unit=manifest.unit, temperature=best_t, valid_nll=valid_nll_1, test_nll=test_nll_1,
@@ -257,13 +272,62 @@ def fetch_final_model(config: PipelineConfig) -> Path:
     return model_path
 
 
-def run_evaluate(config: PipelineConfig, tracker=None) -> EvaluationResult:
-    """The ``evaluate`` stage: load the final (2TA) model of the run, score it, record the results."""
+def final_model_step(config: PipelineConfig) -> int | None:
+    """The training step of the run's final model (local, else fetched from object storage); None if
+    there is none yet."""
+    try:
+        path = fetch_final_model(config)
+    except FileNotFoundError:
+        return None
+    payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return int(payload.get("step", -1))
+
+
+def evaluation_fingerprint(config: PipelineConfig, model_path: Path) -> dict[str, Any]:
+    """What an evaluation's results depend on: the model file's sha256 and the evaluate settings."""
+    digest = hashlib.sha256()
+    with open(model_path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"model_sha256": digest.hexdigest(), "evaluate": config.evaluate.model_dump(mode="json"),
+            "data_dir": str(config.data_dir)}
+
+
+def previous_evaluation(config: PipelineConfig, fingerprint: dict[str, Any]) -> EvaluationResult | None:
+    """The results already in ``<work_dir>/eval_results.json`` when they are for this model and these
+    settings (then evaluating again would only repeat them); else None."""
+    path = config.run_dir / RESULTS_FILE
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or saved.get("fingerprint") != fingerprint:
+        return None
+    fields = {k: saved[k] for k in EvaluationResult.__dataclass_fields__ if k in saved}
+    try:
+        return EvaluationResult(**fields)
+    except TypeError:
+        return None
+
+
+def run_evaluate(config: PipelineConfig, tracker=None, *, force: bool = False) -> tuple[EvaluationResult, bool]:
+    """The ``evaluate`` stage: load the final (2TA) model of the run, score it, record the results.
+
+    Returns the results and whether it evaluated: a model already evaluated with the same settings is
+    not evaluated again (nothing is logged; ``force`` evaluates anyway).
+    """
     from pipeline.sizes import check_evaluation_sizes  # sizes imports the config and data modules only
 
     manifest = load_manifest(config.data_dir)
     check_evaluation_sizes(config, manifest)
     model_path = fetch_final_model(config)
+    fingerprint = evaluation_fingerprint(config, model_path)
+    previous = None if force else previous_evaluation(config, fingerprint)
+    if previous is not None:
+        log.info("evaluate: nothing to do, this final model was evaluated already (%s)", config.run_dir / RESULTS_FILE)
+        return previous, False
+    if tracker is not None:
+        tracker.confirm_stage()
     model, payload = load_final_model(model_path)
     started = time.perf_counter()
     result = evaluate_model(model, config, manifest)
@@ -271,7 +335,8 @@ def run_evaluate(config: PipelineConfig, tracker=None) -> EvaluationResult:
     log.info("evaluation (%s weights, %.1fs): %s", payload.get("weights", "?"), time.perf_counter() - started,
              json.dumps({k: round(v, 4) for k, v in metrics.items()}))
     with writing(config.run_dir / RESULTS_FILE):
-        (config.run_dir / RESULTS_FILE).write_text(json.dumps({**asdict(result), "metrics": metrics}, indent=2))
+        (config.run_dir / RESULTS_FILE).write_text(
+            json.dumps({**asdict(result), "metrics": metrics, "fingerprint": fingerprint}, indent=2))
     if tracker is not None:
         final = {f"final/{k}": v for k, v in metrics.items()}
         step = int(payload.get("step", 0))
@@ -279,4 +344,4 @@ def run_evaluate(config: PipelineConfig, tracker=None) -> EvaluationResult:
         tracker.log_metrics(final, step=step, parent=True)  # the parent is what `compare` and the UI table show
         tracker.log_artifact(config.run_dir / RESULTS_FILE)
         tracker.log_summary_plot(metrics, manifest.unit)
-    return result
+    return result, True

@@ -17,7 +17,7 @@ from pipeline.data.prepare import MANIFEST_NAME
 from pipeline.data.sources import normalize_source
 from pipeline.data.store import fetch_dataset, publish_dataset, verify_stored
 
-__all__ = ["ensure_local_dataset", "resolve_source", "run_prepare"]
+__all__ = ["ensure_local_dataset", "resolve_source", "run_prepare", "run_prepare_outcome"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,16 @@ def run_prepare(config: PipelineConfig, *, force: bool = False) -> DatasetManife
     if url is not None:
         publish_dataset(config.data_dir, url, config.checkpoint.storage_options)
     return manifest
+
+
+def run_prepare_outcome(config: PipelineConfig, *, force: bool = False) -> tuple[DatasetManifest, bool]:
+    """:func:`run_prepare`, and whether it (re)built anything: False when the prepared data was already
+    there and verified (then the stage had nothing to do)."""
+    manifest_path = config.data_dir / MANIFEST_NAME
+    before = manifest_path.stat().st_mtime_ns if manifest_path.exists() else None
+    manifest = run_prepare(config, force=force)
+    after = manifest_path.stat().st_mtime_ns if manifest_path.exists() else None
+    return manifest, force or (after is not None and before != after)
 
 
 def ensure_local_dataset(config: PipelineConfig) -> DatasetManifest:

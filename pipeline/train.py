@@ -54,6 +54,7 @@ from pipeline.averaging import (
 )
 from pipeline.checkpoint import CheckpointInfo, CheckpointLease, DCPCheckpointer, RetryPolicy, UnreadableCheckpoints
 from pipeline.config import PipelineConfig, TrainConfig
+from pipeline.console import progress
 from pipeline.data import BatchStream, DatasetManifest, load_manifest, load_tokens
 from pipeline.distributed import DistContext, all_reduce_sum, gather_objects, on_main
 from pipeline.divergence import DivergenceGuard
@@ -151,6 +152,7 @@ class TrainResult:
     reported_source: str | None
     divergence_restarts: int
     model_path: Path
+    trained: bool = True  # False: the checkpoints had reached train.max_steps already (nothing to do)
 
 
 def micro_batch_size(train: TrainConfig, world_size: int) -> int:
@@ -533,10 +535,15 @@ class Trainer:
 
     def train(self) -> TrainResult:
         cfg = self.train_cfg
-        if not self.resume():
+        resumed = self.resume()
+        if not resumed:
             self._apply_lr()
             self.train_log.truncate_after(0)  # a log left by an earlier run whose checkpoints are gone
             self.save_checkpoint()  # step 0: divergence recovery always has somewhere to go back to
+        elif self.step >= cfg.max_steps and self._final_model_saved():
+            return self._nothing_to_do()
+        if self.tracker is not None:
+            self.tracker.confirm_stage(fresh_start=not resumed)
         # Memory of every rank, gathered so that rank 0 (the only one talking to MLflow) reports all.
         reports = gather_objects(self.ctx, memory_report(self.model, self.optimizer, self.averager))
         if self.tracker is not None:
@@ -545,7 +552,12 @@ class Trainer:
             )
         if self.ctx.is_main:
             for r, report in enumerate(reports):
-                log.info("memory on rank %d (MiB): %s", r, {k: round(v, 1) for k, v in report.items()})
+                log.debug("memory on rank %d (MiB): %s", r, {k: round(v, 1) for k, v in report.items()})
+        with progress(cfg.max_steps, "train", "steps", initial=self.step, disable=not self.ctx.is_main) as bar:
+            return self._train_loop(bar)
+
+    def _train_loop(self, bar: Any) -> TrainResult:
+        cfg = self.train_cfg
         window_loss, window_steps, window_tokens = 0.0, 0, 0
         window_start = time.perf_counter()
         while self.step < cfg.max_steps:
@@ -555,9 +567,11 @@ class Trainer:
                 self.divergence = f"non-finite loss or gradient (loss={loss}, grad norm={grad_norm})"
             if self.divergence is not None:
                 self._recover_from_divergence(self.divergence)
+                bar.update(self.step - bar.n)  # back to the checkpoint's step
                 window_loss, window_steps, window_tokens = 0.0, 0, 0
                 window_start = time.perf_counter()
                 continue
+            bar.update(1)
             self._log_line({"step": self.step, "loss": loss, "grad_norm": grad_norm, "lr": self._lr()})
             self._last_grad_norm = grad_norm
             window_loss += loss
@@ -574,9 +588,10 @@ class Trainer:
                     "tokens_per_second": tokens_per_second,
                     "epoch": self.stream.epoch,
                 }
+                bar.set_postfix({"loss": round(metrics["train/loss"], 4), "tok/s": round(tokens_per_second)}, refresh=False)
                 if self.ctx.is_main:
-                    log.info("step %d  loss %.4f  lr %.3g  %.0f tok/s", self.step, metrics["train/loss"], metrics["lr"],
-                             tokens_per_second)
+                    log.debug("step %d  loss %.4f  lr %.3g  %.0f tok/s", self.step, metrics["train/loss"], metrics["lr"],
+                              tokens_per_second)
                 if self.tracker is not None:
                     self.tracker.log_metrics(metrics, step=self.step)
                 self._last_throughput = tokens_per_second
@@ -591,6 +606,24 @@ class Trainer:
                 self.save_checkpoint(final=self.step == cfg.max_steps)
                 window_start += time.perf_counter() - ckpt_started
         return self.finish()
+
+    def _final_model_saved(self) -> bool:
+        """Is there a final model of this step already (every rank gets rank 0's answer)?"""
+        from pipeline.evaluate import final_model_step
+
+        return on_main(self.ctx, lambda: final_model_step(self.config)) == self.step
+
+    def _nothing_to_do(self) -> TrainResult:
+        """The checkpoints reached ``train.max_steps`` and the final model was saved: nothing is trained,
+        saved, logged or registered again."""
+        if self.ctx.is_main:
+            log.info("train: nothing to do, the newest checkpoint is at step %d and train.max_steps is %d "
+                     "(raise --train.max_steps to train further)", self.step, self.train_cfg.max_steps)
+        report = self.last_report
+        return TrainResult(
+            step=self.step, reported_loss=report.loss if report else None, reported_source=report.source if report else None,
+            divergence_restarts=self.divergence_restarts, model_path=self.config.run_dir / FINAL_MODEL_FILE, trained=False,
+        )
 
     def _report(self, report: AveragingReport) -> None:
         metrics: dict[str, float] = {
@@ -616,8 +649,8 @@ class Trainer:
         if self.ctx.is_main:
             log.info(
                 "eval @%d: reported %.4f (%s, length %d)  raw %s short %s long %s  S=%d L=%d  %s",
-                self.step, report.loss, report.source, report.length, report.raw_loss, report.short_loss,
-                report.long_loss, report.short_length, report.long_length, report.event,
+                self.step, report.loss, report.source, report.length, _fmt(report.raw_loss), _fmt(report.short_loss),
+                _fmt(report.long_loss), report.short_length, report.long_length, report.event,
             )
         self._log_line({"step": self.step, "eval": vars(report)})
         if self.tracker is not None:
@@ -643,6 +676,10 @@ class Trainer:
             step=self.step, reported_loss=report.loss if report else None, reported_source=report.source if report else None,
             divergence_restarts=self.divergence_restarts, model_path=path,
         )
+
+
+def _fmt(loss: float | None) -> str:
+    return "-" if loss is None else f"{loss:.4f}"
 
 
 def trainer_class(config: PipelineConfig) -> type[Trainer]:

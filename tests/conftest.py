@@ -18,6 +18,9 @@ def pipeline_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHONUNBUFFERED"] = "1"
+    # Tiny models: one intra-op thread is faster than two fighting a server process (and each other,
+    # under torchrun) for the 2 cores of a CI machine.
+    env.setdefault("OMP_NUM_THREADS", "1")
     return env
 
 

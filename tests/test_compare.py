@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
+import shutil
+from pathlib import Path
 from dataclasses import dataclass
 
 import matplotlib.image
@@ -19,9 +22,13 @@ from pipeline.compare import (
     NoRunsError,
     UnknownExperimentError,
     UnknownRunError,
+    DEFAULT_WORK_ROOT,
     compare_runs,
+    default_output,
     register_commands,
+    resolve_run_id,
     resolve_tracking_uri,
+    work_root,
 )
 
 LN2 = math.log(2)
@@ -84,10 +91,23 @@ def _finals(valid_nll, test_nll, t=0.95):
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Store:
+def blank_db(tmp_path_factory) -> Path:
+    """An empty, migrated MLflow SQLite store to copy (creating one takes seconds, copying it does not)."""
+    db = tmp_path_factory.mktemp("blank") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
+def _fresh_client(blank_db: Path, root: Path) -> MlflowClient:
+    shutil.copyfile(blank_db, root / "mlflow.db")
+    return MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, blank_db) -> Store:
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    client = MlflowClient(tracking_uri=uri)
+    client = _fresh_client(blank_db, root)
     exp = client.create_experiment("ptb", artifact_location=(root / "artifacts").as_uri())
     client.create_experiment("empty", artifact_location=(root / "artifacts-empty").as_uri())
 
@@ -300,7 +320,7 @@ def test_cli_missing_store_is_not_created(tmp_path, capsys, monkeypatch):
     db = tmp_path / "nowhere" / "mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     args = _parse(["compare", "--experiment", "ptb"])
-    assert args.tracking_uri is None and str(args.output) == "compare.png" and args.log_level == "WARNING"
+    assert args.tracking_uri is None and args.output is None and args.log_level == "WARNING"
     assert args.handler(args) == 2
     assert "no MLflow store at" in capsys.readouterr().err
     assert not db.exists()
@@ -312,3 +332,126 @@ def test_resolve_tracking_uri(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     assert resolve_tracking_uri() == "http://mlflow:5000"
     assert resolve_tracking_uri("sqlite:///x.db") == "sqlite:///x.db"
+
+
+# ------------------------------------------------------------------------------------- run-id prefixes
+
+
+def test_run_id_prefixes(store):
+    # the 8 characters the table prints, a stage run's prefix, any longer prefix, upper case
+    assert resolve_run_id(store.client, store.a[:8]) == store.a
+    assert resolve_run_id(store.client, store.b[:12].upper()) == store.b
+    assert resolve_run_id(store.client, store.a) == store.a
+    assert resolve_run_id(store.client, store.b_eval[:8]) == store.b_eval  # a stage: compare_runs takes its parent
+    comparison = compare_runs(store.client, run_ids=[store.b_eval[:8], store.a[:8], store.a_train[:10]])
+    assert _ids(comparison) == [store.b, store.a]
+
+
+def _absent_prefix(ids) -> str:
+    return next(p for p in (f"{i:08x}" for i in range(1 << 20)) if not any(r.startswith(p) for r in ids))
+
+
+def _all_ids(client) -> list[str]:
+    from mlflow.entities import ViewType
+
+    exps = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
+    return [r.info.run_id for r in client.search_runs(exps, run_view_type=ViewType.ALL, max_results=1000)]
+
+
+def test_unknown_prefix_names_the_experiments_searched(store):
+    prefix = _absent_prefix(_all_ids(store.client))
+    with pytest.raises(UnknownRunError, match=rf"{prefix}.*no run id starts with it.*'Default', 'empty', 'ptb'"):
+        compare_runs(store.client, run_ids=[store.a[:8], prefix])
+    # SQL LIKE wildcards are not taken as such (they would match every run)
+    for wildcard in ("%", "_", store.a[:4] + "%"):
+        with pytest.raises(UnknownRunError, match="not in the tracking store"):
+            resolve_run_id(store.client, wildcard)
+
+
+def test_prefix_of_a_deleted_run(store):
+    with pytest.raises(UnknownRunError, match=rf"matches only deleted runs \({store.deleted}\)"):
+        resolve_run_id(store.client, store.deleted[:8])
+
+
+@pytest.fixture(scope="module")
+def crowded(tmp_path_factory, blank_db):
+    """17 pipeline runs (each with a train stage) over two experiments: two of them share a first hex digit."""
+    root = tmp_path_factory.mktemp("crowded")
+    client = _fresh_client(blank_db, root)
+    exps = [client.create_experiment(name, artifact_location=(root / name).as_uri()) for name in ("x", "y")]
+    parents = []
+    for i in range(17):
+        exp = exps[i % 2]
+        parent = _parent(client, exp, f"run{i}", T0 + i * 10, {"train.seed": str(i)})
+        _stage(client, exp, parent, "train", T0 + i * 10 + 1, {"train.seed": str(i)})
+        parents.append(parent)
+    return client, parents
+
+
+def test_ambiguous_prefix_lists_the_matching_runs(crowded):
+    client, parents = crowded
+    ids = _all_ids(client)
+    # the shortest prefix that names runs of two different pipeline runs (exists: 17 parents, 16 digits)
+    prefix = next(p for n in range(1, 33) for p in sorted({r[:n] for r in parents})
+                  if len({r for r in parents if r.startswith(p)}) > 1)
+    matching = [r for r in ids if r.startswith(prefix)]
+    with pytest.raises(UnknownRunError, match="is ambiguous") as info:
+        resolve_run_id(client, prefix)
+    message = str(info.value)
+    assert all(r in message for r in matching) and "give more characters" in message
+    # the 8 characters the table prints tell them apart
+    target = next(r for r in parents if r.startswith(prefix))
+    assert compare_runs(client, run_ids=[target[:max(8, len(prefix) + 1)]]).runs[0].run_id == target
+
+
+def test_prefix_shared_by_a_pipeline_run_and_its_stages_names_the_pipeline_run(tmp_path, blank_db):
+    # A store holding one pipeline run and its stages only: stages are added until one shares the
+    # parent's first hex digit. That digit matches several runs, all of them the one pipeline run.
+    client = _fresh_client(blank_db, tmp_path)
+    exp = client.create_experiment("solo", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = _parent(client, exp, "solo", T0, {"train.seed": "0"})
+    for i in range(300):
+        stage = _stage(client, exp, parent, "train", T0 + i + 1, {})
+        if stage[0] == parent[0]:
+            break
+    else:
+        pytest.fail("no stage run id shares the parent's first digit")
+    assert resolve_run_id(client, parent[0]) == parent
+    assert _ids(compare_runs(client, run_ids=[stage[:8], parent[0]])) == [parent]
+
+
+# --------------------------------------------------------------------------------------- plot location
+
+
+def test_default_output_under_the_work_root(tmp_path):
+    comparison = Comparison(runs=[], experiment="ptb char/x")
+    uri = f"sqlite:///{tmp_path / 'work' / 'mlflow.db'}"
+    assert work_root(uri) == tmp_path / "work"
+    assert work_root("sqlite:///runs/mlflow.db") == Path("runs") == DEFAULT_WORK_ROOT
+    assert work_root("http://mlflow:5000") == DEFAULT_WORK_ROOT
+    out = default_output(uri, comparison, now=0)
+    assert out == tmp_path / "work" / "compare" / "compare-ptb_char_x-19700101-000000.png"
+
+
+def test_cli_writes_the_plot_under_the_work_root(store, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # stands for the repository: nothing may land here
+    args = _parse(["compare", "--run-ids", store.a[:8], store.b[:8], "--tracking-uri", store.uri])
+    assert args.handler(args) == 0
+    captured = capsys.readouterr()
+    assert f"({store.a[:8]})" in captured.out.splitlines()[0]
+    (line,) = [line for line in captured.err.splitlines() if line.startswith("plot written to ")]
+    path = Path(line[len("plot written to "):])
+    root = Path(store.uri[len("sqlite:///"):]).parent
+    assert path.parent == root / "compare"
+    assert re.fullmatch(rf"compare-{store.a[:8]}-{store.b[:8]}-\d{{8}}-\d{{6}}\.png", path.name)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_ambiguous_or_unknown_prefix(store, tmp_path, capsys):
+    prefix = _absent_prefix(_all_ids(store.client))
+    args = _parse(["compare", "--run-ids", prefix, "--tracking-uri", store.uri, "--output", str(tmp_path / "c.png")])
+    assert args.handler(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: run '{prefix}' is not in the tracking store") and "'ptb'" in err
+    assert not (tmp_path / "c.png").exists()

@@ -105,3 +105,48 @@ def test_paths_default_under_the_name(tmp_path):
     config = validate_config({**MINIMAL, "work_dir": str(tmp_path / "w")})
     assert config.checkpoint_url == str(tmp_path / "w" / "checkpoints")
     assert isinstance(config, PipelineConfig)
+
+
+def _schema_models(model, seen=None):
+    """``model`` and every model reachable from its fields (sections, list items such as tolerations)."""
+    import typing
+
+    from pydantic import BaseModel
+
+    seen = seen if seen is not None else {}
+    seen.setdefault(model, None)
+    for info in model.model_fields.values():
+        stack = [info.annotation]
+        while stack:
+            annotation = stack.pop()
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                if annotation not in seen:
+                    _schema_models(annotation, seen)
+            else:
+                stack.extend(typing.get_args(annotation))
+    return list(seen)
+
+
+def test_every_leaf_field_has_a_one_line_description():
+    from pydantic import BaseModel
+
+    models = _schema_models(PipelineConfig)
+    assert {m.__name__ for m in models} >= {"ModelConfig", "TrainConfig", "OptimizerConfig", "TemperatureScan",
+                                            "ClusterConfig", "PodResources", "GpuPodResources", "Toleration"}
+    missing = []
+    for model in models:
+        for name, info in model.model_fields.items():
+            if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+                continue  # a section: its class docstring describes it
+            text = (info.description or "").strip()
+            if not text or "\n" in text:
+                missing.append(f"{model.__name__}.{name}")
+    assert not missing, f"fields without a one-line description: {missing}"
+
+
+def test_tracking_uri_help_names_the_real_default():
+    description = PipelineConfig.model_fields["tracking"].annotation.model_fields["uri"].description
+    # The tracker falls back to $MLFLOW_TRACKING_URI, then to a SQLite store next to the run folders
+    # (runs/mlflow.db for the default work_dir runs/<name>), not inside the run's own folder.
+    assert "$MLFLOW_TRACKING_URI" in description
+    assert "runs/mlflow.db" in description and "<work_dir>/mlflow.db" not in description

@@ -158,7 +158,9 @@ def test_every_stage_runs_the_cli_on_the_mounted_config_with_pod_local_folders_a
         env = env_of(main)
         assert env["PIPELINE_RUN_KEY"] == DRIVER.name  # one MLflow parent run for every stage and restart
         assert env["MLFLOW_TRACKING_URI"] == "http://mlflow.ml.svc:5000"
-        assert env["PIPELINE_IMAGE"] == cfg.cluster.image  # MLflow tag pipeline.image
+        image = cfg.cluster.cpu_image if stage == "prepare" else cfg.cluster.image
+        assert {c["image"] for c in all_containers(pod)} == {image}  # one image per pod
+        assert env["PIPELINE_IMAGE"] == image  # MLflow tag pipeline.image
         assert env["AWS_ENDPOINT_URL"] == "http://minio.ml.svc:9000"
         for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             assert env[key] == {"secretKeyRef": {"name": "rlm-pipeline-s3", "key": key}}
@@ -300,12 +302,35 @@ def test_scan_exceptions_are_annotated_where_they_apply_and_the_digest_one_only_
     assert {v.split("=")[0] for k, v in pinned.items() if k.startswith("checkov.io/skip")} == {"CKV_K8S_35"}
     driver = build_pipeline_manifest(config())[-1]["metadata"]["annotations"]
     assert any(v.startswith("CKV_K8S_38=") for v in driver.values())
+    # the driver runs the CPU image: its digest decides, not the GPU image's
+    gpu_pinned = build_pipeline_manifest(config(image=digest))[-1]["metadata"]["annotations"]
+    assert any(v.startswith("CKV_K8S_43=") for v in gpu_pinned.values())
+    pinned_driver = build_pipeline_manifest(config(cpu_image=digest))[-1]["metadata"]["annotations"]
+    assert not any(v.startswith("CKV_K8S_43=") for v in pinned_driver.values())
+
+
+def test_pods_without_a_gpu_run_the_cpu_image_and_the_gpu_pods_the_cuda_image():
+    cfg = config(image="reg/rlm:1.2", cpu_image="reg/rlm:1.2-cpu")
+    images = {stage: {c["image"] for c in all_containers(pod_spec(build_stage_job(cfg, stage, DRIVER)))}
+              for stage in builders.STAGES}
+    assert images == {"prepare": {"reg/rlm:1.2-cpu"}, "train": {"reg/rlm:1.2"}, "evaluate": {"reg/rlm:1.2"}}
+    for objects in (build_pipeline_manifest(cfg), build_nightly_manifest(cfg, "0 3 * * *"),
+                    build_mlflow_manifest(cfg.cluster), build_minio_manifest(cfg.cluster)[2:]):
+        pods = [(o["spec"] if "template" in o["spec"] else o["spec"]["jobTemplate"]["spec"])["template"]["spec"]
+                for o in objects if o["kind"] in ("Job", "CronJob", "Deployment")]
+        assert pods and {c["image"] for pod in pods for c in all_containers(pod)} == {"reg/rlm:1.2-cpu"}
+    # cpu_image null: one image for every pod
+    one = config(image="reg/rlm:1.2", cpu_image=None)
+    assert pod_spec(build_stage_job(one, "prepare", DRIVER))["containers"][0]["image"] == "reg/rlm:1.2"
+    assert build_pipeline_manifest(one)[-1]["spec"]["template"]["spec"]["containers"][0]["image"] == "reg/rlm:1.2"
 
 
 @pytest.mark.parametrize("overrides, message", [
     ({"cluster.image": "ghcr.io/org/rlm-pipeline:latest"}, "'latest' is not a pinned version"),
     ({"cluster.image": "ghcr.io/org/rlm-pipeline"}, "neither a tag nor an @sha256 digest"),
     ({"cluster.image": "repo@sha256:abc"}, "not sha256:<64 hex digits>"),
+    ({"cluster.cpu_image": "ghcr.io/org/rlm:latest"}, "cluster.cpu_image 'ghcr.io/org/rlm:latest' is not pinned"),
+    ({"cluster.cpu_image": "ghcr.io/org/rlm-pipeline"}, "neither a tag nor an @sha256 digest"),
     ({"cluster.namespace": "ML_team"}, "cluster.namespace 'ML_team' must be a DNS label"),
     ({"cluster.train.cpu": "lots"}, "cpu 'lots' is not a Kubernetes quantity"),
     ({"cluster.train.memory": "64Gi", "cluster.train.memory_limit": "32Gi"}, "memory request 64Gi exceeds its limit 32Gi"),

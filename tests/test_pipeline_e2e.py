@@ -27,6 +27,11 @@ def test_run_command_does_prepare_train_evaluate(tmp_path, ptb_char_dir):
         cwd=tmp_path, env=pipeline_env(), capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
+    # Quiet by default: progress and our own lines, none of the libraries' chatter.
+    for noise in ("torch.distributed is disabled", "registered model '", "Created version", "Pickle",
+                  "Creating initial MLflow database", "GitPython"):
+        assert noise not in proc.stderr, noise
+    assert "train  60/60 steps (100%)" in proc.stderr and "evaluate test" in proc.stderr
     run_dir = tmp_path / "run"
     results = json.loads((run_dir / "eval_results.json").read_text())
     metrics = results["metrics"]
@@ -65,26 +70,48 @@ def test_run_command_does_prepare_train_evaluate(tmp_path, ptb_char_dir):
     (version,) = client.search_model_versions("name='ptb_char_tiny'")
     assert version.run_id == train and version.tags["step"] == "60"
 
-    proc = subprocess.run(
-        [PYTHON, "-m", "pipeline", "evaluate", "--config", str(config_path)],
-        cwd=tmp_path, env=pipeline_env(), capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    runs_after = client.search_runs([experiment.experiment_id])
-    # `evaluate` alone belongs to the same pipeline run: its evaluate stage run is reused.
-    assert len(runs_after) == 4
+    # The model is logged into the run's own experiment and store, not MLflow's Default one in ./mlruns.
+    (logged,) = client.search_logged_models([experiment.experiment_id])
+    assert logged.source_run_id == train and logged.artifact_location.startswith((tmp_path / "mlartifacts").as_uri())
+    assert not (tmp_path / "mlruns").exists()
+    # The run ends with a summary on stdout: what happened, where things are, how to open MLflow.
+    assert "ptb_char_tiny: done" in proc.stdout and "test_bpc" in proc.stdout
+    assert "mlflow ui --backend-store-uri" in proc.stdout and parent.info.run_id in proc.stdout
 
-    # A second `run` is idempotent: the data verifies and is skipped, training resumes at its end.
+    def snapshot():
+        return sorted((r.info.run_id, r.info.status, r.info.end_time, tuple(sorted(r.data.tags.items())))
+                      for r in client.search_runs([experiment.experiment_id]))
+
+    before = snapshot()
+    # Re-running a finished pipeline, or one of its stages, with nothing to do says so and changes nothing.
+    for command in ("run", "evaluate", "train"):
+        proc = subprocess.run(
+            [PYTHON, "-m", "pipeline", command, "--config", str(config_path)],
+            cwd=tmp_path, env=pipeline_env(), capture_output=True, text=True, timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert "ptb_char_tiny: nothing to do" in proc.stdout, proc.stdout
+    assert "already prepared" in proc.stderr or command != "run"
+    assert snapshot() == before
+    assert len(client.search_model_versions("name='ptb_char_tiny'")) == 1
+
+    # Training further is visibly a continuation: a new train stage run, the parent tagged, a new version.
     proc = subprocess.run(
-        [PYTHON, "-m", "pipeline", "run", "--config", str(config_path)],
+        [PYTHON, "-m", "pipeline", "train", "--config", str(config_path), "--train.max_steps", "80"],
         cwd=tmp_path, env=pipeline_env(), capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "already prepared" in proc.stderr
-    assert "resumed from" in proc.stderr
-    # ... and, the first pipeline run having finished, it is a new parent run with its own stages.
-    parents = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags["pipeline.kind"] == "pipeline"]
-    assert len(parents) == 2 and all(p.info.status == "FINISHED" for p in parents)
+    assert "resumed from" in proc.stderr and "trained to step 80" in proc.stdout
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags["pipeline.kind"] == "pipeline"]
+    continued = [r for r in runs if r.data.tags.get("pipeline.continues") == train]
+    assert len(runs) == 5 and len(continued) == 1 and continued[0].info.run_name == "train (continued)"
+    assert continued[0].data.params["train.max_steps"] == "80" and continued[0].info.status == "FINISHED"
+    # The parent keeps its source and params, says it was continued, and the last stage ended it.
+    assert parent.data.tags["pipeline.continuations"] == "1" and parent.info.status == "FINISHED"
+    assert parent.data.tags["mlflow.source.name"] == "python -m pipeline run"
+    assert [m.step for m in client.get_metric_history(continued[0].info.run_id, "valid/reported_loss")] == [80]
+    assert sorted(int(v.version) for v in client.search_model_versions("name='ptb_char_tiny'")) == [1, 2]
 
 
 def test_bad_config_fails_fast_with_the_field_named(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import ConfigError, validate_config
-from pipeline.tracking import PENDING_FILE, Tracker, TrackingOp, _is_transient, dataset_checksum
+from pipeline.tracking import PENDING_FILE, Tracker, TrackingOp, is_transient, dataset_checksum
 
 
 def _config(tmp_path, work: str, **tracking):
@@ -28,18 +28,20 @@ def test_stages_on_different_pods_share_a_parent_through_the_run_key(tmp_path, m
     """Two processes with different work dirs (two pods) and one PIPELINE_RUN_KEY: one tree."""
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.setenv("PIPELINE_RUN_KEY", "driver-abc")
-    for work, stage in (("pod-a", "prepare"), ("pod-b", "train"), ("pod-c", "train"), ("pod-d", "evaluate")):
+    pods = (("pod-a", "prepare", "FINISHED"), ("pod-b", "train", "KILLED"), ("pod-c", "train", "FINISHED"),
+            ("pod-d", "evaluate", "FINISHED"))
+    for work, stage, status in pods:
         tracker = Tracker(_config(tmp_path, work), command=stage)
         tracker.start_stage(stage)
         tracker.log_metrics({f"{stage}/x": 1.0}, step=1)
-        tracker.end_stage("FINISHED")
-        tracker.close("FINISHED" if stage == "evaluate" else None)
+        tracker.end_stage(status)
+        tracker.close(None if status != "FINISHED" else "FINISHED")
     client, runs = _runs(tmp_path)
     parents = [r for r in runs if r.data.tags["pipeline.kind"] == "pipeline"]
     assert len(parents) == 1 and parents[0].data.tags["pipeline.run_key"] == "driver-abc"
     assert parents[0].info.status == "FINISHED"
     stages = sorted(r.data.tags["pipeline.stage"] for r in runs if r.data.tags["pipeline.kind"] == "stage")
-    assert stages == ["evaluate", "prepare", "train"]  # the restarted train stage continued its run
+    assert stages == ["evaluate", "prepare", "train"]  # the train stage restarted after preemption continued its run
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in runs if r is not parents[0])
 
     # Another key is another pipeline run.
@@ -123,7 +125,7 @@ def test_unreachable_server_never_blocks_the_caller(tmp_path):
     lines = (config.run_dir / PENDING_FILE).read_text().splitlines()
     ops = [TrackingOp.from_json(line) for line in lines]
     assert sum(len(op.payload["metrics"]) for op in ops if op.kind == "log_batch") == 200
-    assert ops[-1] == TrackingOp("set_status", "parent", {"status": "FINISHED"})
+    assert ops[-1] == TrackingOp("set_status", "parent", {"status": "FINISHED", "if_opened": True})
 
 
 def test_error_classification():
@@ -131,12 +133,12 @@ def test_error_classification():
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 
-    assert _is_transient(ConnectionRefusedError())
-    assert _is_transient(requests.ConnectionError())
-    assert _is_transient(MlflowException("API request to http://x failed"))  # INTERNAL_ERROR
-    assert _is_transient(MlflowException("busy", error_code=TEMPORARILY_UNAVAILABLE))
-    assert not _is_transient(MlflowException("bad", error_code=INVALID_PARAMETER_VALUE))
-    assert not _is_transient(TypeError("a bug"))
+    assert is_transient(ConnectionRefusedError())
+    assert is_transient(requests.ConnectionError())
+    assert is_transient(MlflowException("API request to http://x failed"))  # INTERNAL_ERROR
+    assert is_transient(MlflowException("busy", error_code=TEMPORARILY_UNAVAILABLE))
+    assert not is_transient(MlflowException("bad", error_code=INVALID_PARAMETER_VALUE))
+    assert not is_transient(TypeError("a bug"))
 
 
 def test_a_bad_tracking_uri_is_a_config_error(tmp_path):
@@ -199,3 +201,72 @@ def test_the_tracker_leaves_the_process_mlflow_settings_alone(tmp_path, monkeypa
     tracker.close(None)
     assert mlflow.get_tracking_uri() == before
     assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
+
+
+def _snapshot(tmp_path):
+    _, runs = _runs(tmp_path)
+    return sorted((r.info.run_id, r.info.status, r.info.end_time, tuple(sorted(r.data.tags.items())),
+                   tuple(sorted(r.data.params.items()))) for r in runs)
+
+
+def _stage_process(tmp_path, stage, *, work=False, fresh_start=False, command=None, max_steps=None):
+    """One CLI process running ``stage`` tentatively; ``work``: the stage found something to do."""
+    config = _config(tmp_path, "w")
+    if max_steps is not None:
+        config.train.max_steps = max_steps
+    tracker = Tracker(config, command=command or stage)
+    tracker.start_stage(stage, tentative=True)
+    tracker.log_metrics({f"{stage}/x": 1.0}, step=1)
+    if work:
+        tracker.confirm_stage(fresh_start=fresh_start)
+    tracker.end_stage("FINISHED")
+    tracker.close("FINISHED")
+    return tracker
+
+
+def test_a_stage_with_nothing_to_do_changes_nothing(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("PIPELINE_RUN_KEY", raising=False)
+    # The first time, a stage shows in its new pipeline run even when it had nothing to do (the data was
+    # prepared by an earlier pipeline run); the process ends its parent.
+    _stage_process(tmp_path, "prepare", command="run")
+    _stage_process(tmp_path, "train", work=True, fresh_start=True, command="run")
+    _, runs = _runs(tmp_path)
+    assert sorted(r.info.run_name for r in runs) == ["prepare", "tiny", "train"]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    before = _snapshot(tmp_path)
+    # Re-run with nothing to do: not one call reaches the finished runs (status, end time, tags, params).
+    for stage in ("prepare", "train", "evaluate"):
+        if stage != "evaluate":
+            _stage_process(tmp_path, stage, command="run")
+    assert _snapshot(tmp_path) == before
+
+
+def test_more_work_after_a_finished_stage_is_a_visible_continuation(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("PIPELINE_RUN_KEY", raising=False)
+    _stage_process(tmp_path, "train", work=True, fresh_start=True, command="run")
+    (parent_before,) = [r for r in _runs(tmp_path)[1] if r.data.tags["pipeline.kind"] == "pipeline"]
+    _stage_process(tmp_path, "train", work=True, max_steps=900)
+    client, runs = _runs(tmp_path)
+    (parent,) = [r for r in runs if r.data.tags["pipeline.kind"] == "pipeline"]
+    first, second = sorted((r for r in runs if r.data.tags["pipeline.kind"] == "stage"), key=lambda r: r.info.start_time)
+    assert second.info.run_name == "train (continued)" and second.data.tags["pipeline.continues"] == first.info.run_id
+    assert second.data.params["train.max_steps"] == "900" and parent.data.params == parent_before.data.params
+    assert parent.data.tags["pipeline.continuations"] == "1"
+    # The parent keeps where it came from, and the last stage run ends it.
+    assert parent.data.tags["mlflow.source.name"] == "python -m pipeline run"
+    assert parent.info.status == "FINISHED" and parent.info.end_time >= second.info.end_time
+    assert client.get_metric_history(second.info.run_id, "train/x")[0].value == 1.0
+
+
+def test_training_from_step_0_under_a_finished_parent_is_a_new_pipeline_run(tmp_path, monkeypatch):
+    """Checkpoints removed, the same work dir: a new training is not mixed into the old curves."""
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("PIPELINE_RUN_KEY", raising=False)
+    _stage_process(tmp_path, "train", work=True, fresh_start=True, command="run")
+    _stage_process(tmp_path, "train", work=True, fresh_start=True, command="run")
+    _, runs = _runs(tmp_path)
+    parents = [r for r in runs if r.data.tags["pipeline.kind"] == "pipeline"]
+    assert len(parents) == 2 and len(runs) == 4
+    assert all(r.info.run_name == "train" for r in runs if r.data.tags["pipeline.kind"] == "stage")

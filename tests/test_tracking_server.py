@@ -95,7 +95,7 @@ def client_env(server: MlflowServer) -> dict[str, str]:
     """A pipeline process that knows only the server: no S3 credentials (artifacts go through the server)."""
     env = {k: v for k, v in pipeline_env().items() if not k.startswith("AWS_")}
     env["MLFLOW_TRACKING_URI"] = server.uri
-    env["OMP_NUM_THREADS"] = "2"
+    env["OMP_NUM_THREADS"] = "1"  # the server process needs the other core
     return env
 
 

@@ -15,7 +15,8 @@ The objects of one pipeline run:
 
 Every pod runs as the image's non-root user with a read-only root filesystem (writable emptyDirs
 for ``/work`` and ``/tmp``), no privilege escalation, no capabilities and the runtime's default
-seccomp profile; only the driver mounts a service-account token.
+seccomp profile; only the driver mounts a service-account token. The train and evaluate pods run
+``cluster.image`` (CUDA torch), every other pod the far smaller ``cluster.cpu_image`` (CPU torch).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ __all__ = [
     "build_stage_job",
     "build_train_service",
     "checkpoint_url",
+    "cpu_image",
     "dataset_url",
     "dns_name",
     "driver_role_rules",
@@ -93,8 +95,8 @@ SCAN_EXCEPTIONS: dict[str, str] = {
                   "(secretKeyRef), never literal; both read them from the environment",
     "CKV_K8S_38": "the driver is the one pod that talks to the API server (a namespaced Role: Jobs, Services, "
                   "pod logs); every other pod has automountServiceAccountToken false",
-    "CKV_K8S_43": "the image is pinned by version tag (validated: never latest); give cluster.image as "
-                  "repo@sha256:... to pin a digest (the nightly workflow does)",
+    "CKV_K8S_43": "the image is pinned by version tag (validated: never latest); give cluster.image and "
+                  "cluster.cpu_image as repo@sha256:... to pin a digest (the nightly workflow does)",
 }
 
 
@@ -182,6 +184,11 @@ def s3_endpoint(cluster: ClusterConfig) -> str:
     return cluster.s3_endpoint or f"http://minio.{cluster.namespace}.svc:9000"
 
 
+def cpu_image(cluster: ClusterConfig) -> str:
+    """The image of the pods without a GPU: ``cluster.cpu_image``, else ``cluster.image``."""
+    return cluster.cpu_image or cluster.image
+
+
 def mlflow_uri(cluster: ClusterConfig) -> str:
     return cluster.mlflow_uri or f"http://mlflow.{cluster.namespace}.svc:5000"
 
@@ -257,11 +264,11 @@ def _runtime_env(cache: str = "/tmp/cache") -> list[dict[str, Any]]:
     ]
 
 
-def _stage_env(config: PipelineConfig, driver: DriverRef) -> list[dict[str, Any]]:
+def _stage_env(config: PipelineConfig, driver: DriverRef, image: str) -> list[dict[str, Any]]:
     return [
         {"name": "PIPELINE_RUN_KEY", "value": driver.name},
         {"name": "MLFLOW_TRACKING_URI", "value": mlflow_uri(config.cluster)},
-        {"name": "PIPELINE_IMAGE", "value": config.cluster.image},  # MLflow tag pipeline.image
+        {"name": "PIPELINE_IMAGE", "value": image},  # MLflow tag pipeline.image
         *_s3_env(config.cluster),
         *_runtime_env(cache=f"{WORK_DIR}/cache"),
     ]
@@ -304,9 +311,9 @@ def _mounts(*, scratch: bool, shm: bool) -> list[dict[str, Any]]:
     return mounts
 
 
-def _container(name: str, cluster: ClusterConfig, *, args: list[str], env: list[dict[str, Any]],
+def _container(name: str, cluster: ClusterConfig, *, image: str, args: list[str], env: list[dict[str, Any]],
                resources: dict[str, Any], mounts: list[dict[str, Any]], command: list[str] | None = None) -> dict[str, Any]:
-    container: dict[str, Any] = {"name": name, "image": cluster.image, "imagePullPolicy": cluster.image_pull_policy}
+    container: dict[str, Any] = {"name": name, "image": image, "imagePullPolicy": cluster.image_pull_policy}
     if command is not None:
         container["command"] = command  # else the image's ENTRYPOINT: python -m pipeline
     container.update(args=args, env=env, resources=resources, volumeMounts=mounts,
@@ -323,11 +330,11 @@ def _pod_failure_policy(preemption: Literal["Ignore", "FailJob"], exit_codes: tu
     ]}
 
 
-def _scan_exceptions(*checks: str, image: str | None = None) -> dict[str, str]:
+def _scan_exceptions(*checks: str, images: tuple[str, ...] = ()) -> dict[str, str]:
     """``checkov.io/skip<n>`` annotations for the accepted findings ``checks`` (see SCAN_EXCEPTIONS);
-    the digest finding only while ``image`` is pinned by tag alone."""
+    the digest finding only while one of the object's ``images`` is pinned by tag alone."""
     ids = [c for c in checks if c != "CKV_K8S_43"]
-    if image is not None and "@sha256:" not in image:
+    if any("@sha256:" not in image for image in images):
         ids.append("CKV_K8S_43")
     return {f"checkov.io/skip{i}": f"{check}={SCAN_EXCEPTIONS[check]}" for i, check in enumerate(sorted(ids), 1)}
 
@@ -407,8 +414,9 @@ def build_stage_job(config: PipelineConfig, stage: Stage, driver: DriverRef, *,
     name = stage_job_name(driver.name, stage)
     labels = _labels(config.name, run=driver.name, stage=stage)
     overrides = _stage_overrides(config, driver)
-    env = _stage_env(config, driver)
     gpu_stage = stage in ("train", "evaluate")
+    image = cluster.image if gpu_stage else cpu_image(cluster)  # one image per pod: init containers share it
+    env = _stage_env(config, driver, image)
     mounts = _mounts(scratch=True, shm=gpu_stage)
     pod: dict[str, Any] = {
         "restartPolicy": "Never",  # podFailurePolicy needs it; retries are new pods
@@ -420,13 +428,13 @@ def build_stage_job(config: PipelineConfig, stage: Stage, driver: DriverRef, *,
 
     if stage == "prepare":
         res = _resources(cluster.prepare)
-        pod["containers"] = [_container("prepare", cluster, args=["prepare", *overrides], env=env,
+        pod["containers"] = [_container("prepare", cluster, image=image, args=["prepare", *overrides], env=env,
                                         resources=res, mounts=mounts)]
         spec.update(backoffLimit=cluster.backoff_limit,
                     podFailurePolicy=_pod_failure_policy("Ignore", NON_RETRIABLE_EXIT_CODES))
     else:
         gpu_res = cluster.train if stage == "train" else cluster.evaluate
-        fetch = _container("fetch-data", cluster, command=["python", "-m", "pipeline.k8s"],
+        fetch = _container("fetch-data", cluster, image=image, command=["python", "-m", "pipeline.k8s"],
                            args=["fetch-data", *overrides], env=env, resources=_resources(gpu_res),
                            mounts=_mounts(scratch=True, shm=False))
         pod["initContainers"] = [fetch]
@@ -436,14 +444,14 @@ def build_stage_job(config: PipelineConfig, stage: Stage, driver: DriverRef, *,
             pod["tolerations"] = [t.model_dump(exclude_none=True) for t in cluster.tolerations]
         res = _resources(gpu_res, gpus=gpu_res.gpus)
         if stage == "evaluate":
-            pod["containers"] = [_container("evaluate", cluster, args=["evaluate", *overrides], env=env,
+            pod["containers"] = [_container("evaluate", cluster, image=image, args=["evaluate", *overrides], env=env,
                                             resources=res, mounts=mounts)]
             spec.update(backoffLimit=cluster.backoff_limit,
                         podFailurePolicy=_pod_failure_policy("Ignore", NON_RETRIABLE_EXIT_CODES))
         else:
             pod["subdomain"] = name  # with the headless Service of the same name: <job>-<i>.<name>
             pod["containers"] = [_container(
-                "train", cluster, command=["python", "-m", "pipeline.k8s.launch"],
+                "train", cluster, image=image, command=["python", "-m", "pipeline.k8s.launch"],
                 args=["-m", "pipeline", "train", *overrides], env=[*env, *_train_env(config, driver)],
                 resources=res, mounts=mounts,
             )]
@@ -466,7 +474,7 @@ def build_stage_job(config: PipelineConfig, stage: Stage, driver: DriverRef, *,
             f"{LABEL}/attempt": str(attempt),
             f"{LABEL}/restarts-used": str(restarts_used),
             f"{LABEL}/preemptions": str(preemptions),
-            **_scan_exceptions("CKV_K8S_35", image=cluster.image),
+            **_scan_exceptions("CKV_K8S_35", images=(image,)),
         },
     }
     if owners := _owner_references(driver):
@@ -526,7 +534,7 @@ def _driver_job_spec(config: PipelineConfig, names: ManifestNames) -> dict[str, 
         {"name": "RLM_CONFIGMAP", "value": names.configmap},
         *_runtime_env(),
     ]
-    container = _container("driver", cluster, command=["python", "-m", "pipeline.k8s"],
+    container = _container("driver", cluster, image=cpu_image(cluster), command=["python", "-m", "pipeline.k8s"],
                            args=["drive", "--config", CONFIG_FILE], env=env,
                            resources=_resources(cluster.driver), mounts=_mounts(scratch=False, shm=False))
     pod = {
@@ -551,7 +559,7 @@ def build_driver_job(config: PipelineConfig, names: ManifestNames) -> dict[str, 
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {"name": names.base, "namespace": names.namespace, "labels": _labels(config.name, role="driver"),
-                     "annotations": _scan_exceptions("CKV_K8S_38", image=config.cluster.image)},
+                     "annotations": _scan_exceptions("CKV_K8S_38", images=(cpu_image(config.cluster),))},
         "spec": _driver_job_spec(config, names),
     }
 
@@ -565,7 +573,7 @@ def build_driver_cronjob(config: PipelineConfig, names: ManifestNames, schedule:
         "apiVersion": "batch/v1",
         "kind": "CronJob",
         "metadata": {"name": names.base, "namespace": names.namespace, "labels": _labels(config.name, role="nightly"),
-                     "annotations": _scan_exceptions("CKV_K8S_38", image=config.cluster.image)},
+                     "annotations": _scan_exceptions("CKV_K8S_38", images=(cpu_image(config.cluster),))},
         "spec": {
             "schedule": schedule,
             "timeZone": "Etc/UTC",
@@ -686,7 +694,7 @@ def build_minio_manifest(cluster: ClusterConfig, *, storage: str = "100Gi") -> l
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
         "metadata": {"name": "minio", "namespace": ns, "labels": labels,
-                     "annotations": _scan_exceptions("CKV_K8S_35", image=MINIO_IMAGE)},
+                     "annotations": _scan_exceptions("CKV_K8S_35", images=(MINIO_IMAGE,))},
         "spec": {
             "serviceName": "minio",
             "replicas": 1,
@@ -709,7 +717,7 @@ def build_minio_manifest(cluster: ClusterConfig, *, storage: str = "100Gi") -> l
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {"name": "minio-buckets", "namespace": ns, "labels": bucket_labels,
-                     "annotations": _scan_exceptions("CKV_K8S_35", image=cluster.image)},
+                     "annotations": _scan_exceptions("CKV_K8S_35", images=(cpu_image(cluster),))},
         "spec": {
             "backoffLimit": 12,  # retried (with the Job's backoff) until MinIO is up
             "ttlSecondsAfterFinished": cluster.ttl_seconds_after_finished,
@@ -718,7 +726,7 @@ def build_minio_manifest(cluster: ClusterConfig, *, storage: str = "100Gi") -> l
                 "automountServiceAccountToken": False,
                 "securityContext": _pod_security(),
                 "containers": [_container(
-                    "buckets", cluster, command=["python", "-m", "pipeline.k8s"],
+                    "buckets", cluster, image=cpu_image(cluster), command=["python", "-m", "pipeline.k8s"],
                     args=["create-buckets", *(f"s3://{b}" for b in buckets)],
                     env=[*_s3_env(cluster), *_runtime_env()],
                     resources=_resources(PodResources(cpu="100m", memory="256Mi")),
@@ -744,7 +752,7 @@ def build_mlflow_manifest(cluster: ClusterConfig, *, storage: str = "10Gi") -> l
     allowed = ",".join(pattern for host in hosts for pattern in (host, f"{host}:*"))
     container = {
         "name": "mlflow",
-        "image": cluster.image,
+        "image": cpu_image(cluster),
         "imagePullPolicy": cluster.image_pull_policy,
         "command": ["/app/mlflow/serve.sh"],
         "workingDir": "/tmp",
@@ -776,7 +784,7 @@ def build_mlflow_manifest(cluster: ClusterConfig, *, storage: str = "10Gi") -> l
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {"name": "mlflow", "namespace": ns, "labels": labels,
-                     "annotations": _scan_exceptions("CKV_K8S_35", image=cluster.image)},
+                     "annotations": _scan_exceptions("CKV_K8S_35", images=(cpu_image(cluster),))},
         "spec": {
             "replicas": 1,
             "strategy": {"type": "Recreate"},  # SQLite on a ReadWriteOnce volume: one writer at a time

@@ -35,14 +35,16 @@ MANIFEST_KINDS = ("pipeline", "nightly", "namespace", "minio", "mlflow")
 DEFAULT_SCHEDULE = "0 3 * * *"
 
 
+# argparse's generated usage would list every schema option (a page long).
+_USAGE = "%(prog)s [--config NAME|FILE] [--section.field VALUE ...] [options]"
+
+
 def _add_config_options(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
-    from pipeline.cli import schema_options  # the same generated options as the stage commands
+    from pipeline.cli_options import add_schema_options  # the same generated options as the stage commands
 
     parser.add_argument("--config", required=required, help="shipped config name or YAML path")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    group = parser.add_argument_group("config overrides (generated from the schema)")
-    for dotted, help_text in schema_options():
-        group.add_argument(f"--{dotted}", dest=f"override:{dotted}", metavar="VALUE", help=help_text.replace("%", "%%"))
+    add_schema_options(parser)  # grouped by section; the cluster options matter most here, none hidden
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -239,13 +241,13 @@ def _create_buckets(args: argparse.Namespace) -> int:
 
 def register_commands(subparsers: Any) -> None:
     """Add ``drive``, ``k8s-manifest``, ``fetch-data`` and ``create-buckets`` to ``subparsers``."""
-    drive = subparsers.add_parser("drive", allow_abbrev=False, help="run a whole pipeline on Kubernetes (inside the driver Job)")
+    drive = subparsers.add_parser("drive", allow_abbrev=False, usage=_USAGE, help="run a whole pipeline on Kubernetes (inside the driver Job)")
     _add_config_options(drive)
     drive.add_argument("--api-server", default=None,
                        help="API server URL (e.g. http://127.0.0.1:8001 of `kubectl proxy`); default in-cluster")
     drive.set_defaults(handler=_drive)
 
-    manifest = subparsers.add_parser("k8s-manifest", allow_abbrev=False, help="print a Kubernetes manifest to `kubectl apply -f`")
+    manifest = subparsers.add_parser("k8s-manifest", allow_abbrev=False, usage=_USAGE, help="print a Kubernetes manifest to `kubectl apply -f`")
     _add_config_options(manifest, required=False)
     manifest.add_argument("--what", choices=MANIFEST_KINDS, default="pipeline",
                           help="pipeline: one-apply run of --config; nightly: a CronJob of it; namespace, minio, "

@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 when a file differs")
     parser.add_argument("--print", dest="print_name", metavar="NAME", choices=sorted(SHIPPED_MANIFESTS),
                         help="print one shipped manifest instead, with any further k8s-manifest options appended "
-                             "(e.g. --cluster.image repo@sha256:...; the nightly workflow does this)")
+                             "(e.g. --cluster.image repo@sha256:... --cluster.cpu_image repo@sha256:...; the nightly workflow "
+                             "does this)")
     args, extra = parser.parse_known_args(argv)
     if args.print_name:
         sys.stdout.write(generate((*SHIPPED_MANIFESTS[args.print_name], *extra)))
