@@ -435,3 +435,30 @@ def test_a_job_notices_when_its_lease_was_taken_over(lease_url):
     finally:
         lease.release()
     assert _lease(lease_url)._read().owner == "someone-else"  # release never deletes another job's lease
+
+
+def test_a_lease_caught_mid_write_is_read_again_not_taken_over(lease_url):
+    """A heartbeat being written while another job reads the lease is not a damaged lease."""
+    import threading
+
+    from pipeline.checkpoint import CheckpointLocked
+
+    _foreign(lease_url)
+    lease = _lease(lease_url, ttl=60, wait=0.3)
+    whole = lease.storage.fs.cat_file(lease.path)
+    lease.storage.fs.pipe_file(lease.path, whole[: len(whole) // 2])  # torn: the writer is halfway
+    threading.Timer(0.05, lambda: lease.storage.fs.pipe_file(lease.path, whole)).start()
+    with pytest.raises(CheckpointLocked, match="in use by job 'other-job'"):
+        lease.acquire()
+
+
+def test_the_local_lease_is_replaced_whole(tmp_path):
+    """On a local disk the lease is written beside and renamed into place: never seen half written."""
+    import json
+
+    lease = _lease(str(tmp_path / "ckpt"), ttl=60).acquire()
+    try:
+        assert json.loads((tmp_path / "ckpt" / "LEASE.json").read_text())["owner"] == lease.owner
+        assert not list((tmp_path / "ckpt").glob("*.tmp"))
+    finally:
+        lease.release()

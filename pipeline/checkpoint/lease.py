@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 LEASE_FILE = "LEASE.json"
 _SETTLE_S = 0.2  # pause between writing the lease and reading it back
+_UNREADABLE_READS = 3  # reads of a lease that does not parse before it counts as damaged
 
 
 @dataclass(frozen=True)
@@ -106,25 +107,36 @@ class CheckpointLease:
             except FileNotFoundError:
                 return None
 
-        payload = retry_call(read, f"reading the lease {self.url}", self.storage.retry)
-        if payload is None:
-            return None
-        try:
-            fields = json.loads(payload)
-            return LeaseRecord(**{k: fields[k] for k in LeaseRecord.__dataclass_fields__})
-        except Exception:  # a damaged lease protects nothing: treat it as absent
-            log.warning("the lease %s is unreadable; taking it over", self.url)
-            return None
+        for attempt in range(_UNREADABLE_READS):
+            payload = retry_call(read, f"reading the lease {self.url}", self.storage.retry)
+            if payload is None:
+                return None
+            try:
+                fields = json.loads(payload)
+                return LeaseRecord(**{k: fields[k] for k in LeaseRecord.__dataclass_fields__})
+            except Exception:
+                # Caught mid-write (a store without atomic renames): read again before believing it damaged.
+                if attempt + 1 < _UNREADABLE_READS:
+                    time.sleep(_SETTLE_S)
+        log.warning("the lease %s is unreadable; taking it over", self.url)  # a damaged lease protects nothing
+        return None
 
     def _write(self) -> None:
         now = time.time()
         record = LeaseRecord(self.owner, self.host, self.pid, self.job, self._acquired_at or now, now, self.ttl)
         payload = json.dumps(asdict(record)).encode()
+        fs = self.storage.fs
+        # A local file is replaced by a rename, so that a reader never sees it half written; an object
+        # store's PUT already replaces the whole object at once.
+        local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
         def write() -> None:
-            self.storage.fs.makedirs(self.storage.root, exist_ok=True)
-            with self.storage.fs.open(self.path, "wb") as f:
+            fs.makedirs(self.storage.root, exist_ok=True)
+            target = f"{self.path}.{self.owner}.tmp" if local else self.path
+            with fs.open(target, "wb") as f:
                 f.write(payload)
+            if local:
+                os.replace(target, self.path)
 
         retry_call(write, f"writing the lease {self.url}", self.storage.retry)
 
