@@ -130,7 +130,7 @@ def _add_tracking(summary: RunSummary, config: PipelineConfig, tracker) -> None:
     plots = config.run_dir / "plots"
     if plots.is_dir():
         summary.paths["plots"] = str(plots)
-    if not config.tracking.enabled or getattr(tracker, "tree", None) is None:
+    if tracker.tree is None:
         return
     for name, version in tracker.registered_models.items():
         summary.paths["registered"] = f"model {name!r} version {version}"

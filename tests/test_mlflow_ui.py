@@ -26,18 +26,15 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import time
 import urllib.parse
 from pathlib import Path
 
 import pytest
-import requests
 import yaml
 
 from conftest import PYTHON, REPO, pipeline_env, tiny_ptb_config
+from mlflow_server import MlflowServer
 
 PIPELINE_NAME = "demo"  # the config's name: the parent run's name
 EXPERIMENT = "mlflow_ui"  # tracking.experiment: also the registered model's name
@@ -83,51 +80,15 @@ def _screenshot_dir() -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _mlflow_server(root: Path):
     """``mlflow/serve.sh`` on a free loopback port: SQLite store and proxied artifacts under ``root``."""
-    port = _free_port()
-    uri = f"http://127.0.0.1:{port}"
-    env = {
-        **pipeline_env(),
-        "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{root / 'mlflow.db'}",
-        "MLFLOW_ARTIFACTS_DESTINATION": str(root / "artifacts"),
-        "MLFLOW_PORT": str(port),
-        "MLFLOW_WORKERS": "1",
-        "MLFLOW_PYTHON": PYTHON,
-    }
-    log_path = root / "server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(["bash", str(REPO / "mlflow" / "serve.sh")], cwd=root, env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    server = MlflowServer(root, str(root / "artifacts"))
+    server.start()
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {log_path.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{uri}/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server not up after 90 s: {log_path.read_text()[-3000:]}")
-            time.sleep(0.3)
-        yield uri
+        yield server.uri
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        server.stop()
 
 
 class Tracked:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -21,63 +19,15 @@ import requests
 import yaml
 
 from conftest import PYTHON, REPO, pipeline_env, tiny_ptb_config
+from mlflow_server import MlflowServer, free_port
 
 ARTIFACT_BUCKET = "mlflow-artifacts"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class MlflowServer:
-    """``mlflow/serve.sh`` as a child process; stop() and start() again on the same port and store."""
-
-    def __init__(self, root: Path, s3_env: dict[str, str]) -> None:
-        self.port = _free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.root = root
-        self.env = {
-            **pipeline_env(),
-            **s3_env,
-            "MLFLOW_S3_ENDPOINT_URL": s3_env["AWS_ENDPOINT_URL"],
-            "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{root / 'mlflow.db'}",
-            "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{ARTIFACT_BUCKET}/artifacts",
-            "MLFLOW_PORT": str(self.port),
-            "MLFLOW_WORKERS": "1",
-            "MLFLOW_PYTHON": PYTHON,
-        }
-        self.proc: subprocess.Popen | None = None
-        self.log_path = root / "server.log"
-
-    def start(self, timeout: float = 90) -> None:
-        log = open(self.log_path, "a")
-        self.proc = subprocess.Popen(
-            ["bash", str(REPO / "mlflow" / "serve.sh")], cwd=self.root, env=self.env,
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {self.log_path.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{self.uri}/health", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"mlflow server not up after {timeout}s: {self.log_path.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.proc = None
+def _s3_server(root: Path, s3_env: dict[str, str]) -> MlflowServer:
+    """The server with its artifacts in the S3 bucket (clients need no S3 credentials)."""
+    return MlflowServer(root, f"s3://{ARTIFACT_BUCKET}/artifacts",
+                        {**s3_env, "MLFLOW_S3_ENDPOINT_URL": s3_env["AWS_ENDPOINT_URL"]})
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +35,7 @@ def mlflow_server(tmp_path_factory, s3_endpoint):
     import boto3
 
     boto3.client("s3", endpoint_url=s3_endpoint["AWS_ENDPOINT_URL"]).create_bucket(Bucket=ARTIFACT_BUCKET)
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow_server"), s3_endpoint)
+    server = _s3_server(tmp_path_factory.mktemp("mlflow_server"), s3_endpoint)
     server.start()
     yield server
     server.stop()
@@ -256,7 +206,7 @@ def test_training_survives_a_tracking_server_outage(tmp_path, ptb_char_dir, s3_e
     import boto3
 
     boto3.client("s3", endpoint_url=s3_endpoint["AWS_ENDPOINT_URL"]).create_bucket(Bucket=ARTIFACT_BUCKET)
-    server = MlflowServer(tmp_path, s3_endpoint)
+    server = _s3_server(tmp_path, s3_endpoint)
     server.start()
     experiment = "outage"
     config = write_config(tmp_path, ptb_char_dir, "outage", experiment=experiment, max_steps=240, eval_every=20,
@@ -318,7 +268,7 @@ def test_unsent_calls_are_kept_on_disk_and_flushed_later(tmp_path, mlflow_server
 
     raw = {
         "name": "spool", "work_dir": str(tmp_path / "spool"), "data": {"dataset": "text", "source": "sample"},
-        "tracking": {"uri": f"http://127.0.0.1:{_free_port()}", "flush_timeout": 1, "request_timeout": 1,
+        "tracking": {"uri": f"http://127.0.0.1:{free_port()}", "flush_timeout": 1, "request_timeout": 1,
                      "experiment": "spool", "system_metrics": False},
     }
     config = validate_config(raw)

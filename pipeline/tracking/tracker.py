@@ -30,6 +30,7 @@ from pipeline.config import ConfigError, PipelineConfig, flatten_config
 from pipeline.tracking.calls import PLOTS_DIR, CallSender, scoped_env
 from pipeline.tracking.ops import (
     PARENT,
+    PENDING_FILE,
     PermanentError,
     TrackingOp,
     is_transient,
@@ -77,6 +78,8 @@ class Tracker:
         self._gate: TrackingOp | None = None
         self._last_step = 0
         self._system_metrics: SystemMetricsSampler | None = None
+        self.tree: RunTree | None = None  # set when enabled
+        self._sender: CallSender | None = None
         if not self.enabled:
             return
         tracking = config.tracking
@@ -290,21 +293,21 @@ class Tracker:
     @property
     def parent_run_id(self) -> str | None:
         """The parent run's id once resolved (after the first successful call)."""
-        return self.tree.run_ids.get(PARENT) if hasattr(self, "tree") else None
+        return self.tree.run_ids.get(PARENT) if self.tree is not None else None
 
     @property
     def run_ids(self) -> dict[str, str]:
         """``parent`` / ``stage:<name>`` -> run id, for the runs this process has resolved."""
-        return self.tree.run_ids if hasattr(self, "tree") else {}
+        return self.tree.run_ids if self.tree is not None else {}
 
     @property
     def experiment_id(self) -> str | None:
-        return self.tree.experiment_id if hasattr(self, "tree") else None
+        return self.tree.experiment_id if self.tree is not None else None
 
     @property
     def registered_models(self) -> dict[str, str]:
         """Model name -> version registered by this process."""
-        return dict(self._sender.registered) if hasattr(self, "_sender") else {}
+        return dict(self._sender.registered) if self._sender is not None else {}
 
     # ------------------------------------------------------------------------------------------
     # queue and spool
@@ -329,8 +332,6 @@ class Tracker:
             self._cond.notify_all()
 
     def _spool_path(self) -> Path:
-        from pipeline.tracking.ops import PENDING_FILE
-
         return self.run_dir / PENDING_FILE
 
     def _load_spool(self) -> None:
