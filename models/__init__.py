@@ -1,6 +1,7 @@
-"""Recurrent language models: LSTM / RLSTM cells, Mogrifier, residual LM, multi-sample objective."""
+"""Recurrent language models (LSTM / RLSTM / GRU / Elman cells, Mogrifier, residual LM, multi-sample objective)
+and, in :mod:`models.vae`, sentence VAEs (latents, encoders, decoders, estimators, objectives, remedies)."""
 
-from .cells import LSTMCell, RLSTMCell
+from .cells import ElmanCell, GRUCell, LSTMCell, RLSTMCell
 from .config import ModelConfig
 from .lm import LMState, RecurrentLM, count_parameters, detach_state
 from .mogrifier import Mogrifier, RecurrentLayer
@@ -14,6 +15,8 @@ __all__ = [
     "count_parameters",
     "LSTMCell",
     "RLSTMCell",
+    "GRUCell",
+    "ElmanCell",
     "Mogrifier",
     "RecurrentLayer",
     "multi_sample_nll",

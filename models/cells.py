@@ -1,7 +1,7 @@
-"""Single-step recurrent cells: LSTM (thesis eq. 2.1) and Rewired LSTM (§4.1).
+"""Single-step recurrent cells: LSTM (thesis eq. 2.1), Rewired LSTM (§4.1), GRU and Elman RNN.
 
-Conventions shared by both cells
---------------------------------
+Conventions shared by all cells
+-------------------------------
 * ``forward(x [B, m], h [B, n], c [B, n], state_mask=None) -> (h, c)``.
 * ``h`` is the previous output *as the cell should see it*: in a layer, the
   variational state-dropout mask has already been applied to it (and it may
@@ -15,10 +15,19 @@ Conventions shared by both cells
   step function returned by :meth:`make_step` once per time step;
   ``forward`` is exactly ``make_step()(input_projection(x), h, c, state_mask)``.
 
+* The GRU and the Elman RNN have a single state vector. So that every layer and
+  model keeps carrying ``(h, c)`` pairs (``LMState``, ``RecurrentLayer``), they
+  return ``(h, h)``: the "cell state" ``c`` is the (unmasked, unmogrified)
+  previous output. The GRU interpolates with ``c`` (``h' = (1 - u) ⊙ n + u ⊙ c``)
+  and reads the masked ``h`` only in its recurrent matmul, so state dropout
+  never erases its memory (as ``c_prev`` is never masked in the LSTMs). Called
+  directly, pass ``c = h``. The Elman cell ignores ``c``.
+
 Initialisation: every weight and bias ~ U(-1/√n, 1/√n) (as ``torch.nn.LSTM``),
 except the forget-gate bias, which is Chrono-initialised
 ``b_f ~ ln U(1, T_max - 1)`` when ``chrono_t_max`` is given and set to the
-constant ``forget_bias_init`` otherwise.
+constant ``forget_bias_init`` otherwise. The GRU's forget gate is its update
+gate ``u`` (the weight of the previous state); the Elman cell has none.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LSTMCell", "RLSTMCell", "init_forget_bias"]
+__all__ = ["ElmanCell", "GRUCell", "LSTMCell", "RLSTMCell", "init_forget_bias"]
 
 StepFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None"], "tuple[Tensor, Tensor]"]
 
@@ -210,6 +219,137 @@ class RLSTMCell(nn.Module):
             o = torch.addmm(bias_o, cm, w_oc_t).sigmoid()
             h = o * c.tanh()
             return h, c
+
+        return step
+
+    def forward(self, x: Tensor, h: Tensor, c: Tensor, state_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.make_step()(self.input_projection(x), h, c, state_mask)
+
+    def extra_repr(self) -> str:
+        return f"{self.input_size}, {self.hidden_size}"
+
+
+class GRUCell(nn.Module):
+    """Gated recurrent unit with the ``torch.nn.GRUCell`` equations (reset gate inside the candidate)::
+
+        r = σ(W_ir x + b_ir + W_hr h + b_hr)
+        u = σ(W_iu x + b_iu + W_hu h + b_hu)          (update gate: the weight of the previous state)
+        n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))
+        h' = (1 - u) ⊙ n + u ⊙ c                       (c = the previous state, unmasked; = h without dropout)
+
+    Returns ``(h', h')`` (see the module docstring). Parameters (blocks **r, u, n**, each ``n`` rows, as
+    torch's ``r, z, n``): ``weight_ih`` [3n, m], ``weight_hh`` [3n, n], ``bias_ih`` [3n], ``bias_hh`` [3n].
+    The update-gate bias is the forget bias: ``bias_ih[n:2n]`` gets the Chrono / constant init and
+    ``bias_hh[n:2n]`` is zeroed. ``state_mask`` is accepted for interface uniformity and ignored.
+    """
+
+    GATE_ORDER = ("r", "u", "n")
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        chrono_t_max: float | None = None,
+        forget_bias_init: float = 0.0,
+    ) -> None:
+        super().__init__()
+        _check_sizes(input_size, hidden_size)
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        n = hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(3 * n, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(3 * n, n))
+        self.bias_ih = nn.Parameter(torch.empty(3 * n))
+        self.bias_hh = nn.Parameter(torch.empty(3 * n))
+        self.reset_parameters(chrono_t_max, forget_bias_init)
+
+    def reset_parameters(self, chrono_t_max: float | None = None, forget_bias_init: float = 0.0) -> None:
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+        n = self.hidden_size
+        init_forget_bias(self.bias_ih[n : 2 * n], chrono_t_max, forget_bias_init)
+        with torch.no_grad():
+            self.bias_hh[n : 2 * n].zero_()
+
+    @property
+    def forget_bias(self) -> Tensor:
+        """The update gate's total bias ``b_iu + b_hu`` [n]."""
+        n = self.hidden_size
+        return self.bias_ih[n : 2 * n] + self.bias_hh[n : 2 * n]
+
+    def input_projection(self, x: Tensor) -> Tensor:
+        """``W_i x + b_i`` for r, u, n: [..., m] -> [..., 3n]."""
+        if x.dim() == 2:
+            return torch.addmm(self.bias_ih, x, self.weight_ih.t())
+        flat = x.reshape(-1, x.shape[-1])
+        return torch.addmm(self.bias_ih, flat, self.weight_ih.t()).view(*x.shape[:-1], -1)
+
+    def make_step(self) -> StepFn:
+        """Step function ``(xproj [B,3n], h, c, state_mask) -> (h', h')`` with weights bound."""
+        n = self.hidden_size
+        w_hh_t = self.weight_hh.t()
+        bias_hh = self.bias_hh
+        split_sizes = (2 * n, n)
+
+        def step(xproj: Tensor, h: Tensor, c: Tensor, state_mask: Tensor | None = None):
+            x_ru, x_n = xproj.split(split_sizes, 1)
+            h_ru, h_n = torch.addmm(bias_hh, h, w_hh_t).split(split_sizes, 1)
+            r, u = (x_ru + h_ru).sigmoid().chunk(2, 1)
+            cand = torch.addcmul(x_n, r, h_n).tanh()
+            h_new = torch.addcmul(cand, u, c - cand)  # (1 - u) ⊙ n + u ⊙ c
+            return h_new, h_new
+
+        return step
+
+    def forward(self, x: Tensor, h: Tensor, c: Tensor, state_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.make_step()(self.input_projection(x), h, c, state_mask)
+
+    def extra_repr(self) -> str:
+        return f"{self.input_size}, {self.hidden_size}"
+
+
+class ElmanCell(nn.Module):
+    """Vanilla (Elman) RNN cell, as ``torch.nn.RNNCell`` with tanh::
+
+        h' = tanh(W_ih x + b_ih + W_hh h + b_hh)
+
+    Returns ``(h', h')``; ``c`` and ``state_mask`` are accepted for interface uniformity and ignored.
+    Parameters: ``weight_ih`` [n, m], ``weight_hh`` [n, n], ``bias_ih`` [n], ``bias_hh`` [n].
+    """
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        _check_sizes(input_size, hidden_size)
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        n = hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(n, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(n, n))
+        self.bias_ih = nn.Parameter(torch.empty(n))
+        self.bias_hh = nn.Parameter(torch.empty(n))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+
+    def input_projection(self, x: Tensor) -> Tensor:
+        """``W_ih x + b_ih + b_hh``: [..., m] -> [..., n] (both biases folded in here)."""
+        bias = self.bias_ih + self.bias_hh
+        if x.dim() == 2:
+            return torch.addmm(bias, x, self.weight_ih.t())
+        flat = x.reshape(-1, x.shape[-1])
+        return torch.addmm(bias, flat, self.weight_ih.t()).view(*x.shape[:-1], -1)
+
+    def make_step(self) -> StepFn:
+        """Step function ``(xproj [B,n], h, c, state_mask) -> (h', h')`` with weights bound."""
+        w_hh_t = self.weight_hh.t()
+
+        def step(xproj: Tensor, h: Tensor, c: Tensor, state_mask: Tensor | None = None):
+            h_new = torch.addmm(xproj, h, w_hh_t).tanh()
+            return h_new, h_new
 
         return step
 

@@ -26,8 +26,10 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    cell: Literal["lstm", "rlstm"] = Field(
-        default="rlstm", description="Recurrent cell: lstm (thesis eq. 2.1) or rlstm (Rewired LSTM, §4.1)."
+    cell: Literal["lstm", "rlstm", "gru", "elman"] = Field(
+        default="rlstm",
+        description="Recurrent cell: lstm (thesis eq. 2.1), rlstm (Rewired LSTM, §4.1), gru (torch.nn.GRUCell "
+        "equations) or elman (vanilla tanh RNN).",
     )
     vocab_size: int | None = Field(
         default=None, description="Vocabulary size (embedding and softmax rows); null = from the dataset manifest."
@@ -41,7 +43,9 @@ class ModelConfig(BaseModel):
         default=0, description="Rank of the Mogrifier matrices; 0 (or >= their sizes) = full rank."
     )
     capped_input_gate: bool = Field(
-        default=True, description="Cap the input gate at 1 - f; only cell lstm can turn it off (rlstm always caps)."
+        default=True,
+        description="Cap the input gate at 1 - f; only cell lstm can turn it off (rlstm always caps; gru and elman "
+        "have no input gate).",
     )
     tie_embeddings: bool = Field(default=False, description="Use the input embedding as the softmax (output) embedding.")
     input_dropout: float = Field(default=0.0, description="Dropout rate of the input embeddings, in [0, 1).")
@@ -53,10 +57,13 @@ class ModelConfig(BaseModel):
     )
     output_dropout: float = Field(default=0.0, description="Dropout rate of the summed layer outputs, before the softmax.")
     chrono_t_max: float | None = Field(
-        default=None, description="Chrono init of the forget bias, ln U(1, T_max - 1), T_max > 2; null = forget_bias_init."
+        default=None,
+        description="Chrono init of the forget bias (gru: update gate), ln U(1, T_max - 1), T_max > 2; null = "
+        "forget_bias_init. Not for elman.",
     )
     forget_bias_init: float = Field(
-        default=0.0, description="Constant initial forget-gate bias, used when chrono_t_max is null."
+        default=0.0,
+        description="Constant initial forget-gate bias (gru: update gate), used when chrono_t_max is null; elman: 0.",
     )
 
     @field_validator("vocab_size")
@@ -108,6 +115,16 @@ class ModelConfig(BaseModel):
                 "capped_input_gate=False is not supported with cell='rlstm' "
                 "(the RLSTM input gate is always capped at 1 - f); set capped_input_gate "
                 "to true or use cell='lstm'"
+            )
+        if self.cell in ("gru", "elman") and not self.capped_input_gate:
+            raise ValueError(
+                f"capped_input_gate=False does not apply to cell={self.cell!r} (it has no input gate); "
+                "leave capped_input_gate at true"
+            )
+        if self.cell == "elman" and (self.chrono_t_max is not None or self.forget_bias_init != 0.0):
+            raise ValueError(
+                "chrono_t_max / forget_bias_init do not apply to cell='elman' (it has no forget gate); "
+                "leave chrono_t_max null and forget_bias_init 0"
             )
         return self
 

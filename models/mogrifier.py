@@ -21,9 +21,9 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .cells import LSTMCell, RLSTMCell
+from .cells import ElmanCell, GRUCell, LSTMCell, RLSTMCell
 
-__all__ = ["Mogrifier", "RecurrentLayer"]
+__all__ = ["CELL_TYPES", "Mogrifier", "RecurrentLayer"]
 
 
 def _effective_rank(rank: int, in_features: int, out_features: int) -> int | None:
@@ -119,8 +119,17 @@ class Mogrifier(nn.Module):
         return f"input_size={self.input_size}, hidden_size={self.hidden_size}, rounds={self.rounds}, rank={self.rank}"
 
 
+CELL_TYPES = ("lstm", "rlstm", "gru", "elman")
+
+
 class RecurrentLayer(nn.Module):
-    """One recurrent layer: ``[R]LSTM(c_prev, mogrify(h_prev ⊙ M_state, x))`` over a sequence.
+    """One recurrent layer: ``cell(c_prev, mogrify(h_prev ⊙ M_state, x))`` over a sequence.
+
+    ``cell`` is one of :data:`CELL_TYPES`: ``lstm``, ``rlstm``, ``gru`` or ``elman``
+    (the GRU and Elman cells carry ``c = h``; see :mod:`models.cells`).
+    ``capped_input_gate`` is an LSTM option (ignored by gru / elman); the Elman
+    cell has no forget gate, so it rejects ``chrono_t_max`` / a non-zero
+    ``forget_bias_init``.
 
     ``forward(inputs [T, B, m], state (h [B, n], c [B, n]), state_mask [B, n] | None)``
     returns ``(outputs [T, B, n], (h_T, c_T))``. The state mask (variational: the
@@ -145,15 +154,21 @@ class RecurrentLayer(nn.Module):
         self.hidden_size = hidden_size
         self.cell_type = cell
         if cell == "lstm":
-            self.cell: LSTMCell | RLSTMCell = LSTMCell(
+            self.cell: LSTMCell | RLSTMCell | GRUCell | ElmanCell = LSTMCell(
                 input_size, hidden_size, capped_input_gate, chrono_t_max, forget_bias_init
             )
         elif cell == "rlstm":
             if not capped_input_gate:
                 raise ValueError("the RLSTM input gate is always capped; capped_input_gate=False is not supported")
             self.cell = RLSTMCell(input_size, hidden_size, chrono_t_max, forget_bias_init)
+        elif cell == "gru":
+            self.cell = GRUCell(input_size, hidden_size, chrono_t_max, forget_bias_init)
+        elif cell == "elman":
+            if chrono_t_max is not None or forget_bias_init != 0.0:
+                raise ValueError("the elman cell has no forget gate: chrono_t_max / forget_bias_init do not apply")
+            self.cell = ElmanCell(input_size, hidden_size)
         else:
-            raise ValueError(f"unknown cell {cell!r}; expected 'lstm' or 'rlstm'")
+            raise ValueError(f"unknown cell {cell!r}; expected one of {', '.join(map(repr, CELL_TYPES))}")
         self.mogrifier = Mogrifier(input_size, hidden_size, mogrifier_rounds, mogrifier_rank)
 
     def forward(

@@ -39,12 +39,15 @@ _STAGE_HELP = {
     "train": ("train with Two-Tailed Averaging", "Train the model of a config with Two-Tailed Averaging, resuming from its "
               "latest checkpoint."),
     "evaluate": ("score the trained model on valid and test", "Score the trained model on the validation and test "
-                 "splits, with and without a tuned softmax temperature."),
+                 "splits: a language model with and without a tuned softmax temperature, a sentence VAE by its "
+                 "importance-sampled NLL, KL, mutual information and active units."),
     "run": ("prepare, train and evaluate", "Prepare, train and evaluate in one go."),
 }
 _OVERRIDES_HELP = "Any config field is an option: --section.field VALUE (a YAML value; null for none)."
-# Kubernetes settings: no local stage reads them, so their --help leaves them out (they are still accepted).
+# Kubernetes settings: no local stage reads them, so their --help leaves them out (they are still accepted);
+# nor does it show the other model family's section (an LM's help leaves out vae.*, a VAE's model.*).
 _HIDDEN_LOCALLY = ("cluster",)
+_OTHER_TASK_SECTION = {"lm": "vae", "vae": "model"}
 _LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 _VERBOSE_HELP = "show third-party logs and warnings and the pipeline's debug lines"
 
@@ -62,30 +65,33 @@ def _add_common_options(parser: argparse.ArgumentParser, config_help: str) -> No
     parser.add_argument("--log-level", default="INFO", choices=_LOG_LEVELS, help="level of the log lines [default INFO]")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(task: str = "lm") -> argparse.ArgumentParser:
     """The ``python -m pipeline`` parser: the stages, ``flush``, ``configs`` and the registered commands.
 
     A stage's ``--help`` shows its options grouped by config section, one line each, without the
-    ``--cluster.*`` ones (``--help-all`` shows every option); an unknown option is an error of the
-    subcommand that names the closest real one (:class:`pipeline.cli_options.OptionParser`).
+    ``--cluster.*`` ones and those of the other model family than ``task`` (``--help-all`` shows every
+    option); an unknown option is an error of the subcommand that names the closest real one
+    (:class:`pipeline.cli_options.OptionParser`).
     """
+    other = _OTHER_TASK_SECTION[task]
     parser = OptionParser(
         prog="python -m pipeline",
-        description="Recurrent LM pipeline: prepare data, train with Two-Tailed Averaging, evaluate.",
+        description="Recurrent LM and sentence VAE pipeline: prepare data, train with Two-Tailed Averaging, evaluate.",
     )
     sub = parser.add_subparsers(dest="stage", required=True, metavar="COMMAND")
     usage = "%(prog)s --config NAME|FILE [--section.field VALUE ...] [options]"
     for stage in STAGES:
         short, description = _STAGE_HELP[stage]
         p = sub.add_parser(stage, help=short, usage=usage, allow_abbrev=False, description=f"{description} {_OVERRIDES_HELP}",
-                           epilog=f"The --cluster.* options (Kubernetes runs) are accepted but not shown: {HELP_ALL} shows them.")
+                           epilog=f"The --cluster.* options (Kubernetes runs) are accepted but not shown: {HELP_ALL} shows "
+                                  f"them. So are the --{other}.* options (task {'vae' if other == 'vae' else 'lm'}).")
         _add_common_options(p, "a shipped config (`python -m pipeline configs` lists them) or a YAML file")
         if stage in ("prepare", "run", "evaluate"):
             p.add_argument("--force", action="store_true", help={
                 "prepare": "rebuild the tokenised data even if it verifies",
                 "evaluate": "evaluate again even if this final model was evaluated with these settings",
                 "run": "rebuild the data even if it verifies, and evaluate again"}[stage])
-        add_schema_options(p, hidden=_HIDDEN_LOCALLY)
+        add_schema_options(p, hidden=(*_HIDDEN_LOCALLY, other))
     flush = sub.add_parser("flush", help="send MLflow calls left unsent (server down) by earlier stages of a run",
                            usage=usage, allow_abbrev=False,
                            epilog=f"The config overrides of the run (--section.field VALUE) are accepted: {HELP_ALL} shows them.")
@@ -144,11 +150,27 @@ def _print_configs() -> None:
         print(f"{name:<{width}}  {purpose}".rstrip())
 
 
+def _task_of(argv: Sequence[str] | None) -> str:
+    """The task of the ``--config`` on the command line (for which options ``--help`` shows); lm if unknown."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    task = "lm"
+    for i, arg in enumerate(args[:-1]):
+        value = args[i + 1]
+        if arg == "--task" and value in _OTHER_TASK_SECTION:
+            return value
+        if arg == "--config":
+            try:
+                task = load_config(value).task
+            except (ConfigError, OSError):
+                pass
+    return task
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``python -m pipeline`` with ``argv``; the exit code (argparse exits 2 itself on a bad command line)."""
     from pipeline.console import configure_output
 
-    parser = build_parser()
+    parser = build_parser(_task_of(argv))
     args = parser.parse_args(argv)
     if args.stage == "configs":
         _print_configs()

@@ -82,6 +82,18 @@ def _is_section(annotation: Any) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
+def _section_class(annotation: Any) -> type[BaseModel] | None:
+    """The section model of a field: ``Section`` or ``Section | None`` (an optional section, e.g. ``vae``:
+    its options still exist, and setting one creates the section)."""
+    if _is_section(annotation):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(members) == 1 and _is_section(members[0]):
+            return members[0]
+    return None
+
+
 def _plain(text: str) -> str:
     """Docstring text without reStructuredText markup (``:class:`X``` -> X, ````x```` -> x)."""
     text = re.sub(r":\w+:`~?([^`]+)`", r"\1", text)
@@ -148,11 +160,12 @@ def schema_sections(model: type[BaseModel] = PipelineConfig) -> list[SchemaSecti
                 default = getattr(defaults, field_name)
             else:
                 default = info.get_default(call_default_factory=True)
-            if _is_section(annotation):
-                doc = _doc_line(annotation)
+            section_class = _section_class(annotation)
+            if section_class is not None:
+                doc = _doc_line(section_class)
                 # "The driver pod." + the class's line: which pod, then what the section holds.
                 text = f"{info.description.rstrip('.')}: {doc}" if info.description else doc
-                walk(annotation, f"{prefix}{field_name}", text, None if default is ... else default)
+                walk(section_class, f"{prefix}{field_name}", text, None if default in (..., None) else default)
                 continue
             section.options.append(SchemaOption(
                 dotted=f"{prefix}{field_name}",
@@ -281,7 +294,10 @@ class OptionParser(argparse.ArgumentParser):
         if commands:  # `python -m pipeline --verbose train`: an option of the command, given before it
             return f"unknown option {name} here; give it after the command: {self.prog} {commands[0]} ... {name}"
         options = self._long_options()
-        suggestions = _suggestions(name, options)
+        # Shown options first: a hidden section (cluster, the other task's) is suggested only when nothing
+        # shown is close, or when the name is in that section.
+        shown = [s for a in self._actions if not hasattr(a, "hidden_help") for s in a.option_strings if s.startswith("--")]
+        suggestions = _suggestions(name, shown) or _suggestions(name, options)
         if len(suggestions) == 1:
             return f"unknown option {name}; did you mean {suggestions[0]}?"
         if suggestions:

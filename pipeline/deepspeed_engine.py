@@ -1,6 +1,6 @@
 """The DeepSpeed engine of the ``train`` stage (``train.engine: deepspeed``, ZeRO stage 1 or 2).
 
-:class:`DeepSpeedTrainer` is the DDP :class:`~pipeline.train.Trainer` with its engine hooks replaced;
+:class:`DeepSpeedTrainer` is the DDP :class:`~pipeline.trainer.Trainer` with its engine hooks replaced;
 the loop, the objective (multi-sample dropout + L2 penalty), the carried hidden state, Two-Tailed
 Averaging, divergence recovery and evaluation are the same code:
 
@@ -38,7 +38,7 @@ from pipeline.checkpoint.ds import DeepSpeedCheckpointer, rank_file, safe_checkp
 from pipeline.checkpoint.errors import CheckpointError
 from pipeline.checkpoint.storage import CheckpointInfo
 from pipeline.config import TrainConfig
-from pipeline.train import Trainer, build_optimizer, micro_batch_size
+from pipeline.trainer import Trainer, build_optimizer, micro_batch_size
 
 __all__ = ["DeepSpeedTrainer", "deepspeed_config", "import_deepspeed"]
 
@@ -92,7 +92,7 @@ def import_deepspeed(device: torch.device):
 
 
 class DeepSpeedTrainer(Trainer):
-    """The training loop of :class:`~pipeline.train.Trainer` on a DeepSpeed engine (ZeRO stage 1 or 2)."""
+    """The training loop of :class:`~pipeline.trainer.Trainer` on a DeepSpeed engine (ZeRO stage 1 or 2)."""
 
     engine_name = "deepspeed"
 

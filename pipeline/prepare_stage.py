@@ -13,6 +13,7 @@ import logging
 
 from pipeline.config import PipelineConfig
 from pipeline.data import SAMPLE_TEXT_PATH, DataError, DatasetManifest, load_manifest, prepare_dataset, verify_prepared
+from pipeline.data.datasets import GENERATED
 from pipeline.data.prepare import MANIFEST_NAME
 from pipeline.data.sources import normalize_source
 from pipeline.data.store import fetch_dataset, publish_dataset, verify_stored
@@ -29,11 +30,17 @@ def resolve_source(config: PipelineConfig) -> str:
 
 def _check_matches(manifest: DatasetManifest, config: PipelineConfig, where: str, fix: str) -> DatasetManifest:
     """``manifest`` if it holds the configured dataset from the configured source, else a DataError."""
-    source = normalize_source(resolve_source(config))
+    source = resolve_source(config)
+    source = source if source == GENERATED else normalize_source(source)
     if manifest.name != config.data.dataset or manifest.source != source:
         raise DataError(
             f"{where} holds dataset {manifest.name!r} prepared from {manifest.source}, but this config wants "
             f"{config.data.dataset!r} from {source}; {fix}"
+        )
+    if manifest.vocab_size_cap != config.data.vocab_size_cap:
+        raise DataError(
+            f"{where} holds dataset {manifest.name!r} prepared with vocab_size_cap {manifest.vocab_size_cap}, but this "
+            f"config has data.vocab_size_cap {config.data.vocab_size_cap}; {fix}"
         )
     return manifest
 
@@ -72,6 +79,7 @@ def run_prepare(config: PipelineConfig, *, force: bool = False) -> DatasetManife
         cache_dir=config.data.cache_dir,
         force=force,
         verify_source=config.data.verify_source,
+        vocab_size_cap=config.data.vocab_size_cap,
     )
     log.info(
         "dataset %s ready in %s: %s", manifest.name, config.data_dir,

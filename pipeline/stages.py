@@ -23,6 +23,8 @@ __all__ = ["check_work_dir", "ensure_writable", "run_stage"]
 
 log = logging.getLogger("pipeline")
 
+_VAE_SUMMARY = ("ppl", "kl_per_sentence", "mutual_information", "active_units")  # final VAE metrics the summary shows
+
 
 def run_stage(stage: str, config: PipelineConfig, *, force: bool = False, config_source: str | None = None) -> RunSummary:
     """Run one stage (or ``run`` = all) on a validated config, on this rank of the job.
@@ -91,8 +93,11 @@ def run_stage(stage: str, config: PipelineConfig, *, force: bool = False, config
             evaluation, evaluated = run_evaluate(config, tracker, force=force)
             tracker.end_stage("FINISHED")
             metrics = evaluation.metrics()
-            shown = {k: v for k, v in metrics.items() if k.startswith(("valid_", "test_")) and "tuned" not in k
-                     and not k.endswith("_nll")}
+            if config.task == "vae":  # perplexity (importance-sampled), latent usage
+                shown = {k: v for k, v in metrics.items() if k.partition("_")[2] in _VAE_SUMMARY}
+            else:
+                shown = {k: v for k, v in metrics.items() if k.startswith(("valid_", "test_")) and "tuned" not in k
+                         and not k.endswith("_nll")}
             summary.outcomes.append(StageOutcome(
                 "evaluate", evaluated, "evaluated the final model" if evaluated
                 else "this final model was evaluated already (--force evaluates again)", shown))

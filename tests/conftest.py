@@ -86,6 +86,32 @@ def tiny_ptb_config(work_dir: Path, data_dir: Path) -> dict:
     return config
 
 
+@pytest.fixture(scope="session")
+def ptb_word_dir(tmp_path_factory) -> Path:
+    """Real PTB word-level data (the sentence VAE's corpus), tokenised once for the session."""
+    if not (PTB_DIR / "ptb.zip").exists():
+        pytest.skip(f"real PTB not available at {PTB_DIR}")
+    from pipeline.data import prepare_dataset
+
+    out = tmp_path_factory.mktemp("ptb_word") / "data"
+    prepare_dataset("ptb_word", str(PTB_DIR / "ptb.zip"), out, progress=False)
+    return out
+
+
+def tiny_vae_config(work_dir: Path, data_dir: Path, name: str = "ptb_vae_tiny") -> dict:
+    """A shipped tiny VAE config (``ptb_vae_tiny`` / ``synthetic_vae_tiny``) as a mapping, pointed at
+    prepared data and ``work_dir``, with tracking disabled."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "pipeline" / "configs" / f"{name}.yaml").read_text())
+    config["work_dir"] = str(work_dir)
+    config["data"]["dir"] = str(data_dir)
+    if config["data"]["dataset"] == "ptb_word":
+        config["data"]["source"] = str(PTB_DIR / "ptb.zip")
+    config["tracking"] = {"enabled": False}
+    return config
+
+
 def torchrun_train_command(config: Path, *, nproc: int = 2) -> list[str]:
     """``torchrun`` of the train stage on this machine (no in-place restarts; fast failure detection)."""
     return [

@@ -6,9 +6,11 @@ import math
 
 import pytest
 import torch
+from pydantic import ValidationError
 from torch import nn
 
-from models import LSTMCell, Mogrifier, RecurrentLayer, RLSTMCell
+from models import LSTMCell, ModelConfig, Mogrifier, RecurrentLayer, RecurrentLM, RLSTMCell
+from models.cells import ElmanCell, GRUCell
 
 
 def _sig(z):
@@ -317,6 +319,145 @@ def test_recurrent_layer_gradcheck():
 
 def test_unknown_cell_rejected():
     with pytest.raises(ValueError, match="unknown cell"):
-        RecurrentLayer("gru", 3, 4)
+        RecurrentLayer("transformer", 3, 4)
     with pytest.raises(ValueError, match="always capped"):
         RecurrentLayer("rlstm", 3, 4, capped_input_gate=False)
+
+
+# ---------------------------------------------------------------- GRU and Elman cells
+
+
+def _copy_torch_weights(ours, theirs):
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(ours, name).copy_(getattr(theirs, name))
+
+
+def gru_reference(cell, x, h_masked, h_prev):
+    """torch.nn.GRUCell equations with explicit per-gate matrices (blocks r, u, n); the matmuls read the
+    masked state, the interpolation the unmasked previous state."""
+    n = cell.hidden_size
+    W_x, W_h = cell.weight_ih.detach(), cell.weight_hh.detach()
+    b_x, b_h = cell.bias_ih.detach(), cell.bias_hh.detach()
+    blk = [slice(k * n, (k + 1) * n) for k in range(3)]
+    r = _sig(x @ W_x[blk[0]].T + b_x[blk[0]] + h_masked @ W_h[blk[0]].T + b_h[blk[0]])
+    u = _sig(x @ W_x[blk[1]].T + b_x[blk[1]] + h_masked @ W_h[blk[1]].T + b_h[blk[1]])
+    cand = torch.tanh(x @ W_x[blk[2]].T + b_x[blk[2]] + r * (h_masked @ W_h[blk[2]].T + b_h[blk[2]]))
+    return (1 - u) * cand + u * h_prev
+
+
+def test_gru_cell_matches_torch_grucell():
+    gen = torch.Generator().manual_seed(40)
+    ref = nn.GRUCell(5, 7).double()
+    _perturb_biases(ref, gen)
+    cell = GRUCell(5, 7).double()
+    _copy_torch_weights(cell, ref)
+    h = torch.randn(3, 7, generator=gen, dtype=torch.float64)
+    for _ in range(4):  # several steps: the returned c (= h) is fed back as the carried state
+        x = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+        h_ref = ref(x, h)
+        h_new, c_new = cell(x, h, h)
+        torch.testing.assert_close(h_new, h_ref, rtol=1e-10, atol=1e-12)
+        assert torch.equal(c_new, h_new)
+        h = h_new
+
+
+def test_elman_cell_matches_torch_rnncell():
+    gen = torch.Generator().manual_seed(41)
+    ref = nn.RNNCell(5, 7, nonlinearity="tanh").double()
+    _perturb_biases(ref, gen)
+    cell = ElmanCell(5, 7).double()
+    _copy_torch_weights(cell, ref)
+    h = torch.randn(3, 7, generator=gen, dtype=torch.float64)
+    for _ in range(4):
+        x = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+        h_ref = ref(x, h)
+        h_new, c_new = cell(x, h, torch.full_like(h, 99.0))  # c is ignored
+        torch.testing.assert_close(h_new, h_ref, rtol=1e-10, atol=1e-12)
+        assert torch.equal(c_new, h_new)
+        h = h_new
+
+
+@pytest.mark.parametrize("rounds", [0, 2])
+def test_gru_and_elman_layers_match_hand_loop_with_state_dropout(rounds):
+    """Layer over a sequence with a variational state mask: the matmuls read the masked (and mogrified)
+    h_prev, the GRU interpolates with the unmasked previous state, the layer returns (h, h)."""
+    gen = torch.Generator().manual_seed(42 + rounds)
+    for kind in ("gru", "elman"):
+        layer = RecurrentLayer(kind, 5, 6, mogrifier_rounds=rounds).double()
+        _perturb_biases(layer, gen)
+        xs = torch.randn(5, 3, 5, generator=gen, dtype=torch.float64)
+        h = torch.randn(3, 6, generator=gen, dtype=torch.float64) * 0.5
+        mask = _mask(3, 6, 0.3, gen)
+        out, (hT, cT) = layer(xs, (h, h), mask)
+        cell = layer.cell
+        for t in range(5):
+            x_m, h_m = mogrify_reference(layer.mogrifier, xs[t], h * mask) if rounds else (xs[t], h * mask)
+            if kind == "gru":
+                h = gru_reference(cell, x_m, h_m, h)
+            else:
+                W_x, W_h = cell.weight_ih.detach(), cell.weight_hh.detach()
+                h = torch.tanh(x_m @ W_x.T + cell.bias_ih.detach() + h_m @ W_h.T + cell.bias_hh.detach())
+            torch.testing.assert_close(out[t], h, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(hT, h, rtol=1e-10, atol=1e-12)
+        assert torch.equal(cT, hT)
+
+
+@pytest.mark.parametrize("chrono", [None, 50.0])
+def test_gru_update_gate_bias_init(chrono):
+    torch.manual_seed(43)
+    n = 400
+    cell = GRUCell(3, n, chrono_t_max=chrono, forget_bias_init=1.5)
+    update = cell.bias_ih[n : 2 * n].detach()
+    assert torch.all(cell.bias_hh[n : 2 * n] == 0)
+    torch.testing.assert_close(cell.forget_bias.detach(), update)
+    if chrono is None:
+        assert torch.all(update == 1.5)
+    else:
+        assert update.min() >= 0 and update.max() <= math.log(chrono - 1)
+        assert update.max() > 0.9 * math.log(chrono - 1)
+    others = torch.cat([cell.bias_ih[:n], cell.bias_ih[2 * n :], cell.weight_hh.flatten()]).detach()
+    assert others.abs().max() <= 1 / math.sqrt(n)
+
+
+def test_gru_and_elman_gradcheck():
+    gen = torch.Generator().manual_seed(44)
+    for cell in (GRUCell(3, 4).double(), ElmanCell(3, 4).double()):
+        x, h, c = (t.requires_grad_() for t in _rand_state(2, 3, 4, gen))
+        _gradcheck_module(cell, lambda x, h, c, *p: cell(x, h, c)[0], (x, h, c))
+
+
+def test_gru_and_elman_option_checks():
+    with pytest.raises(ValueError, match="no forget gate"):
+        RecurrentLayer("elman", 3, 4, chrono_t_max=10.0)
+    with pytest.raises(ValidationError, match="elman"):
+        ModelConfig(cell="elman", chrono_t_max=10.0)
+    with pytest.raises(ValidationError, match="capped_input_gate"):
+        ModelConfig(cell="gru", capped_input_gate=False)
+    assert ModelConfig(cell="gru", chrono_t_max=10.0).cell == "gru"
+
+
+@pytest.mark.parametrize("cell", ["gru", "elman"])
+def test_lm_with_gru_and_elman_trains(cell):
+    """A tiny RecurrentLM with the new cells: logits [T, B, V], (h, c = h) state per layer, every parameter
+    gets a finite gradient, and a few Adam steps on one batch lower its loss."""
+    torch.manual_seed(45)
+    V, T, B = 13, 7, 4
+    cfg = ModelConfig(cell=cell, vocab_size=V, hidden_size=8, num_layers=2, mogrifier_rounds=2, state_dropout=0.2)
+    model = RecurrentLM(cfg)
+    tokens = torch.randint(0, V, (T + 1, B), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam(model.parameters(), lr=0.03)
+    losses = []
+    for step in range(15):
+        logits, state = model(tokens[:-1])
+        assert logits.shape == (T, B, V)
+        assert all(h.shape == (B, 8) and torch.equal(h, c) for h, c in state)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), tokens[1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        if step == 0:
+            assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.3
+

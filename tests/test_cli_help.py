@@ -135,9 +135,11 @@ def test_configs_lists_each_shipped_config_with_its_purpose(capsys):
     assert main(["configs"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == shipped_config_names()
-    assert ("demo              The laptop demo: the whole pipeline (prepare -> train with 2TA -> evaluate) in a "
+    width = max(len(name) for name in shipped_config_names()) + 2  # one aligned column of purposes
+    assert ("demo".ljust(width) + "The laptop demo: the whole pipeline (prepare -> train with 2TA -> evaluate) in a "
             "few minutes on a CPU") in lines
-    assert "enwik8_rlstm      enwik8, Mogrifier RLSTM, 6 layers, ~48M parameters (thesis ch. 4, §4.6 and table 4.2)" in lines
+    assert ("enwik8_rlstm".ljust(width) + "enwik8, Mogrifier RLSTM, 6 layers, ~48M parameters (thesis ch. 4, §4.6 and "
+            "table 4.2)") in lines
     purposes = shipped_config_purposes()
     assert all(purposes.values()) and all(len(p) <= 110 for p in purposes.values())
 

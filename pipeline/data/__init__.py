@@ -10,7 +10,9 @@ Quick use::
 
 See :mod:`pipeline.data.sources` (source URLs, archive layouts, cache), :mod:`pipeline.data.datasets`
 (per-dataset tokenisation and canonical facts), :mod:`pipeline.data.prepare` (output folder and
-manifest) and :mod:`pipeline.data.batches` (truncated-BPTT batching).
+manifest), :mod:`pipeline.data.batches` (truncated-BPTT batching) and :mod:`pipeline.data.sentences`
+(sentence corpora of ``ptb_word`` / ``sentences`` / ``synthetic``: padded, length-bucketed sentence
+batches for the sentence VAE; imported from there).
 """
 
 from pipeline.data.batches import Batch, BatchStream, evaluation_windows, num_eval_targets
@@ -19,12 +21,15 @@ from pipeline.data.datasets import (
     DATASETS,
     DEFAULT_SOURCES,
     EOS,
+    GENERATED,
     SAMPLE_TEXT_PATH,
+    UNK,
     SPLITS,
 )
 from pipeline.data.prepare import (
     DatasetManifest,
     SplitInfo,
+    load_labels,
     load_manifest,
     load_tokens,
     load_vocab,
@@ -37,6 +42,8 @@ __all__ = [
     "DATASETS",
     "SPLITS",
     "EOS",
+    "UNK",
+    "GENERATED",
     "DEFAULT_SOURCES",
     "CANONICAL_FACTS",
     "SAMPLE_TEXT_PATH",
@@ -48,6 +55,7 @@ __all__ = [
     "prepare_dataset",
     "load_manifest",
     "load_tokens",
+    "load_labels",
     "load_vocab",
     "verify_prepared",
     "Batch",

@@ -7,12 +7,22 @@
 | ``ptb_word``| ``ptb.{train,valid,test}.txt``                           | ``line.split() + ['<eos>']``   | uint16 | word |
 | ``ptb_char``| ``ptb.char.{train,valid,test}.txt`` (each maybe ``.gz``)  | ``line.split() + ['<eos>']``   | uint8  | char |
 | ``text``   | any single text file, optionally gzipped                  | one per byte, vocab 256        | uint8  | char |
+| ``sentences`` | ``train.txt`` / ``valid.txt`` / ``test.txt`` (each maybe ``.gz``) or one file | ``line.split() + ['<eos>']``, optional ``TAB label`` | uint16/32 | word |
+| ``synthetic`` | generated (thesis §5.7.1), no download                  | one of 10,000 symbols + ``<eos>`` | uint16 | word |
 
 Single-stream corpora (``enwik8``, ``text8``, ``text``) are split 90% / 5% / 5% in order
 (integer arithmetic: train = N*90//100, valid = N*5//100, test = the rest - exactly
 90M / 5M / 5M on the 100M-byte files). Line corpora come with their own splits; their vocabulary
 is built from train only, ordered by decreasing train frequency (ties: first appearance), and a
 valid/test token outside it is an error.
+
+``sentences`` is any one-sentence-per-line corpus: a folder (or URL prefix) with the three split
+files, or a single file split 90% / 5% / 5% by lines in order. A line may end in ``<TAB>label`` (e.g.
+the author of a tweet); the labels are kept per split in ``labels.json``. Its vocabulary comes from
+train, most frequent first, optionally capped (``vocab_size_cap`` words including ``<eos>`` and
+``<unk>``); any other word - in train, valid or test - becomes ``<unk>``. ``synthetic`` is the task of
+thesis §5.7.1: every sentence is a single symbol drawn uniformly from 10,000 (ids 0..9999, vocab
+``"0".."9999"`` then ``<eos>``), 100,000 / 10,000 / 10,000 sentences from a fixed seed.
 
 Byte vocabularies are ``[chr(0), ..., chr(255)]`` (id == byte value; ``bytes(ids)`` decodes).
 """
@@ -35,6 +45,8 @@ __all__ = [
     "DATASETS",
     "SPLITS",
     "EOS",
+    "GENERATED",
+    "UNK",
     "DatasetSpec",
     "get_spec",
     "DEFAULT_SOURCES",
@@ -47,11 +59,20 @@ __all__ = [
     "text8_tokens",
     "line_tokens",
     "encode_lines",
+    "synthetic_sentences",
+    "tokenise_sentences",
 ]
 
-DATASETS: tuple[str, ...] = ("enwik8", "text8", "ptb_word", "ptb_char", "text")
+DATASETS: tuple[str, ...] = ("enwik8", "text8", "ptb_word", "ptb_char", "text", "sentences", "synthetic")
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 EOS = "<eos>"
+UNK = "<unk>"
+#: The source of the generated datasets (``synthetic``): nothing is downloaded.
+GENERATED = "generated"
+SYNTHETIC_SYMBOLS = 10_000
+SYNTHETIC_SENTENCES: dict[str, int] = {"train": 100_000, "valid": 10_000, "test": 10_000}
+SYNTHETIC_SEED = 20_231_115
+SENTENCE_FILES: dict[str, str] = {"train": "train.txt", "valid": "valid.txt", "test": "test.txt"}
 #: Split percentages for single-stream corpora.
 SPLIT_PERCENT: tuple[int, int, int] = (90, 5, 5)
 
@@ -104,6 +125,8 @@ CANONICAL_FACTS: dict[str, SourceFacts] = {
         }
     ),
     "text": SourceFacts(),
+    "sentences": SourceFacts(),
+    "synthetic": SourceFacts(),
 }
 
 _SIMPLE_EXAMPLES = "http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz"
@@ -115,6 +138,7 @@ DEFAULT_SOURCES: dict[str, str] = {
     "ptb_word": _SIMPLE_EXAMPLES,
     "ptb_char": _SIMPLE_EXAMPLES,
     "text": str(SAMPLE_TEXT_PATH),
+    "synthetic": GENERATED,
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +245,7 @@ def encode_lines(
 class Tokenised:
     splits: dict[str, np.ndarray]
     vocab: list[str]
+    labels: dict[str, list[str]] | None = None  # per split, one label per sentence (``sentences`` with TAB labels)
 
 
 @dataclass(frozen=True)
@@ -283,6 +308,79 @@ def _lines_tokeniser(
     return tokenise
 
 
+def _sentence_lines(text: str) -> tuple[list[list[str]], list[str] | None]:
+    """Lines -> (words per line, labels or None); ``words<TAB>label``; blank lines are skipped."""
+    sentences: list[list[str]] = []
+    labels: list[str] = []
+    for line in text.split("\n"):
+        words, tab, label = line.partition("\t")
+        if not words.strip():
+            continue
+        sentences.append(words.split())
+        labels.append(label.strip() if tab else "")
+    return sentences, (labels if any(labels) else None)
+
+
+def tokenise_sentences(members: dict[str, bytes], where: dict[str, str], progress: bool, *,
+                       vocab_size_cap: int | None = None) -> Tokenised:
+    """The ``sentences`` dataset: three split files, or one file split 90/5/5 by lines (see the module doc)."""
+    texts: dict[str, str] = {}
+    for member, data in members.items():
+        try:
+            texts[member] = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"{where[member]} is not UTF-8 text ({err}); is this the right file?") from err
+    if len(texts) == 1:  # one file: cut its lines 90/5/5 in order
+        (member,) = texts
+        lines, labels = _sentence_lines(texts[member])
+        n = len(lines)
+        bounds = {"train": (0, n * 90 // 100), "valid": (n * 90 // 100, n * 95 // 100), "test": (n * 95 // 100, n)}
+        per_split = {split: (lines[a:b], None if labels is None else labels[a:b]) for split, (a, b) in bounds.items()}
+        wheres = {split: f"{where[member]} ({split} lines)" for split in SPLITS}
+    else:
+        per_split = {split: _sentence_lines(texts[SENTENCE_FILES[split]]) for split in SPLITS}
+        wheres = {split: where[SENTENCE_FILES[split]] for split in SPLITS}
+    for split, (lines, _) in per_split.items():
+        if not lines:
+            raise DataError(f"{wheres[split]} holds no sentences; every split needs at least one")
+    counts = Counter(word for line in per_split["train"][0] for word in line)
+    counts[EOS] = len(per_split["train"][0])
+    counts.setdefault(UNK, 0)
+    vocab = [tok for tok, _ in counts.most_common()]
+    if vocab_size_cap is not None and len(vocab) > vocab_size_cap:
+        if vocab_size_cap < 2:
+            raise DataError(f"vocab_size_cap {vocab_size_cap} leaves no room for <eos> and <unk>; use at least 2")
+        kept = [tok for tok in vocab if tok not in (EOS, UNK)][: vocab_size_cap - 2]
+        keep = set(kept) | {EOS, UNK}
+        vocab = [tok for tok in vocab if tok in keep]
+    index = {tok: i for i, tok in enumerate(vocab)}
+    unk = index[UNK]
+    dtype = _id_dtype(len(vocab), np.uint16)
+    splits: dict[str, np.ndarray] = {}
+    for split, (lines, _) in per_split.items():
+        ids = [index.get(word, unk) for line in lines for word in (*line, EOS)]
+        splits[split] = np.asarray(ids, dtype=dtype)
+    has_labels = any(labels is not None for _, labels in per_split.values())
+    labels = {split: (labs if labs is not None else [""] * len(lines)) for split, (lines, labs) in per_split.items()}
+    return Tokenised(splits, vocab, labels if has_labels else None)
+
+
+def synthetic_sentences() -> Tokenised:
+    """The synthetic task of thesis §5.7.1: one uniform symbol of 10,000 per sentence, then ``<eos>``."""
+    rng = np.random.default_rng(SYNTHETIC_SEED)
+    vocab = [str(i) for i in range(SYNTHETIC_SYMBOLS)] + [EOS]
+    splits = {}
+    for split in SPLITS:
+        symbols = rng.integers(0, SYNTHETIC_SYMBOLS, size=SYNTHETIC_SENTENCES[split], dtype=np.int64)
+        stream = np.stack([symbols, np.full_like(symbols, SYNTHETIC_SYMBOLS)], axis=1).reshape(-1)
+        splits[split] = stream.astype(np.uint16)
+    return Tokenised(splits, vocab)
+
+
+def _not_fetched(members: dict[str, bytes], where: dict[str, str], progress: bool) -> Tokenised:
+    raise AssertionError("prepare_dataset tokenises sentences / synthetic itself")  # pragma: no cover
+
+
 _PTB_WORD = {s: f"ptb.{s}.txt" for s in SPLITS}
 _PTB_CHAR = {s: f"ptb.char.{s}.txt" for s in SPLITS}
 
@@ -303,6 +401,13 @@ _SPECS: dict[str, DatasetSpec] = {
     ),
     "text": DatasetSpec(
         "text", "char", (None,), _stream_tokeniser("bytes"), "any text file (optionally gzipped), one token per byte"
+    ),
+    "sentences": DatasetSpec(
+        "sentences", "word", tuple(SENTENCE_FILES.values()), _not_fetched,
+        "one sentence per line (optional TAB label), a folder of train/valid/test.txt or one file",
+    ),
+    "synthetic": DatasetSpec(
+        "synthetic", "word", (), _not_fetched, "thesis §5.7.1: one of 10,000 uniform symbols per sentence (generated)",
     ),
 }
 assert tuple(_SPECS) == DATASETS

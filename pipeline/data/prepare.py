@@ -5,6 +5,7 @@ Output folder layout::
     output_dir/
         train.npy  valid.npy  test.npy   # 1-D token ids (np.save; uint8 or uint16), mmap-loadable
         vocab.json                       # JSON list of token strings, index == id
+        labels.json                      # sentences with TAB labels only: {split: [label per sentence]}
         manifest.json                    # DatasetManifest: provenance, sizes and sha256 of every split
 
 The folder is built as a hidden sibling (``.<name>.tmp-*``) and moved into place with
@@ -27,8 +28,8 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pipeline.data.datasets import SPLITS, get_spec
-from pipeline.data.sources import DataError, SourceFacts, fetch_source, normalize_source, sha256_file
+from pipeline.data.datasets import GENERATED, SPLITS, Tokenised, get_spec, synthetic_sentences, tokenise_sentences
+from pipeline.data.sources import DataError, SourceFacts, _is_directory, fetch_source, normalize_source, sha256_file
 
 __all__ = [
     "FORMAT_VERSION",
@@ -39,6 +40,7 @@ __all__ = [
     "prepare_dataset",
     "load_manifest",
     "load_tokens",
+    "load_labels",
     "load_vocab",
     "verify_prepared",
 ]
@@ -48,6 +50,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 VOCAB_NAME = "vocab.json"
+LABELS_NAME = "labels.json"
 
 
 class SplitInfo(BaseModel):
@@ -72,6 +75,14 @@ class DatasetManifest(BaseModel):
     splits: dict[str, SplitInfo]
     format_version: int
     created_at: str  # ISO 8601, UTC
+    # Files besides the splits and the vocabulary (``labels`` -> labels.json); absent in older manifests.
+    extra_files: dict[str, SplitInfo] = {}
+    # ``sentences``: the vocabulary size cap it was prepared with (None = uncapped); absent in older manifests.
+    vocab_size_cap: int | None = None
+
+    def files(self) -> list[SplitInfo]:
+        """Every data file the manifest describes (splits, then extra files), each with its sha256."""
+        return [*self.splits.values(), *self.extra_files.values()]
 
 
 _REBUILD_HINT = "rebuild it with prepare_dataset(..., force=True) / `--force`, or delete {dir}"
@@ -176,17 +187,31 @@ def verify_prepared(output_dir: str | os.PathLike[str]) -> DatasetManifest:
     manifest = load_manifest(out)
     for split in SPLITS:
         _split_info(manifest, split, out)
-    for info in manifest.splits.values():
+    for info in manifest.files():
         _verify_split(out / info.file, info, out)
     load_vocab(out)
     return manifest
+
+
+def load_labels(output_dir: str | os.PathLike[str], split: str) -> list[str] | None:
+    """The per-sentence labels of ``split`` (``sentences`` corpora with a TAB label column), or None."""
+    out = Path(output_dir)
+    info = load_manifest(out).extra_files.get("labels")
+    if info is None:
+        return None
+    try:
+        labels = json.loads((out / info.file).read_text(encoding="utf-8"))[split]
+    except (OSError, ValueError, KeyError) as err:
+        raise DataError(f"{out / info.file} is unreadable ({err}); {_REBUILD_HINT.format(dir=out)}") from err
+    return [str(label) for label in labels]
 
 
 # ---------------------------------------------------------------------------------------------
 # writing
 
 
-def _existing(out: Path, name: str, source: str, force: bool) -> DatasetManifest | None:
+def _existing(out: Path, name: str, source: str, force: bool,
+              vocab_size_cap: int | None = None) -> DatasetManifest | None:
     """The verified manifest to reuse, or None to build; raises when ``out`` must not be touched."""
     if not out.exists():
         return None
@@ -208,14 +233,25 @@ def _existing(out: Path, name: str, source: str, force: bool) -> DatasetManifest
             f"{out} already holds dataset {manifest.name!r} prepared from {manifest.source}, but {name!r} from "
             f"{source} was requested; choose another output_dir, or pass force=True / `--force` to replace it"
         )
+    if manifest.vocab_size_cap != vocab_size_cap:
+        raise DataError(
+            f"{out} holds {name!r} prepared with vocab_size_cap {manifest.vocab_size_cap}, but {vocab_size_cap} was "
+            "requested; choose another output_dir, or pass force=True / `--force` to rebuild it"
+        )
     manifest = verify_prepared(out)
     log.info("dataset %s in %s already prepared, verified", name, out)
     return manifest
 
 
 def _write_folder(tmp: Path, name: str, unit: str, source: str, source_sha: str | None,
-                  splits: dict[str, np.ndarray], vocab: list[str]) -> DatasetManifest:
+                  splits: dict[str, np.ndarray], vocab: list[str],
+                  labels: dict[str, list[str]] | None = None, vocab_size_cap: int | None = None) -> DatasetManifest:
     infos: dict[str, SplitInfo] = {}
+    extra: dict[str, SplitInfo] = {}
+    if labels is not None:
+        (tmp / LABELS_NAME).write_text(json.dumps(labels, ensure_ascii=True), encoding="utf-8")
+        extra["labels"] = SplitInfo(file=LABELS_NAME, num_tokens=sum(len(v) for v in labels.values()), dtype="json",
+                                    sha256=sha256_file(tmp / LABELS_NAME))
     for split in SPLITS:
         arr = np.ascontiguousarray(splits[split])
         fname = f"{split}.npy"
@@ -233,6 +269,8 @@ def _write_folder(tmp: Path, name: str, unit: str, source: str, source_sha: str 
         splits=infos,
         format_version=FORMAT_VERSION,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        extra_files=extra,
+        vocab_size_cap=vocab_size_cap,
     )
     (tmp / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
     return manifest
@@ -258,6 +296,23 @@ def _move_into_place(tmp: Path, out: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def _tokenise(name: str, source: str, cache: Path, facts: SourceFacts | None, progress: bool,
+              vocab_size_cap: int | None) -> tuple[Tokenised, str | None]:
+    """Fetch and tokenise ``source`` as dataset ``name``: (tokenised splits, sha256 of the fetched file)."""
+    if name == "synthetic":
+        return synthetic_sentences(), None
+    spec = get_spec(name)
+    members: list[str | None] = list(spec.members)
+    if name == "sentences" and not _is_directory(source):
+        members = [None]  # one file, split by lines
+    fetched = fetch_source(source, members, cache_dir=cache, facts=facts, progress=progress)
+    if name == "sentences":
+        tokenised = tokenise_sentences(fetched.members, fetched.locations, progress, vocab_size_cap=vocab_size_cap)
+    else:
+        tokenised = spec.tokenise(fetched.members, fetched.locations, progress)
+    return tokenised, fetched.sha256
+
+
 def prepare_dataset(
     name: str,
     source: str,
@@ -268,6 +323,7 @@ def prepare_dataset(
     verify_source: bool = True,
     progress: bool = True,
     expected: SourceFacts | None = None,
+    vocab_size_cap: int | None = None,
 ) -> DatasetManifest:
     """Fetch ``source``, verify it, tokenise it as dataset ``name`` and write ``output_dir``.
 
@@ -279,34 +335,43 @@ def prepare_dataset(
     for deliberately modified copies; the content checks of the tokenisers still apply).
     ``expected``: the facts to check instead of the canonical ones in ``CANONICAL_FACTS`` (e.g. for
     a mirror with a different archive, or the small archives the tests build).
+    ``vocab_size_cap``: ``sentences`` only - keep this many most frequent train words (incl. ``<eos>``
+    and ``<unk>``); the others become ``<unk>``. ``synthetic`` is generated (``source`` must be
+    ``generated``); nothing is downloaded.
 
     Idempotent: if ``output_dir`` holds a manifest for the same dataset and source whose files
     verify, nothing is rebuilt and that manifest is returned. A folder that does not verify, or
     that holds another dataset, is a :class:`DataError` (fix: ``force=True`` or delete it).
     """
     spec = get_spec(name)
-    source_id = normalize_source(source)
+    if name == "synthetic" and source != GENERATED:
+        raise DataError(
+            f"dataset synthetic is generated, not downloaded: set its source to {GENERATED!r} (got {source!r})"
+        )
+    source_id = GENERATED if name == "synthetic" else normalize_source(source)
     out = Path(output_dir).expanduser().absolute()
-    existing = _existing(out, name, source_id, force)
+    if vocab_size_cap is not None and name != "sentences":
+        raise DataError(
+            f"vocab_size_cap applies to dataset sentences only, not {name!r}; remove it (data.vocab_size_cap)"
+        )
+    existing = _existing(out, name, source_id, force, vocab_size_cap)
     if existing is not None:
         return existing
 
     cache = Path(cache_dir).expanduser().absolute() if cache_dir is not None else out.parent / ".downloads"
     facts = (expected if expected is not None else spec.facts) if verify_source else None
     log.info("preparing %s from %s", name, source_id)
-    fetched = fetch_source(source_id, list(spec.members), cache_dir=cache, facts=facts, progress=progress)
-    source_sha = fetched.sha256
-    tokenised = spec.tokenise(fetched.members, fetched.locations, progress)
-    del fetched
+    tokenised, source_sha = _tokenise(name, source_id, cache, facts, progress, vocab_size_cap)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the result should look like a plain mkdir
-        manifest = _write_folder(tmp, name, spec.unit, source_id, source_sha, tokenised.splits, tokenised.vocab)
+        manifest = _write_folder(tmp, name, spec.unit, source_id, source_sha, tokenised.splits, tokenised.vocab,
+                                 tokenised.labels, vocab_size_cap)
         if not force and (out / MANIFEST_NAME).exists():
             # Someone else (another rank / process) finished first: keep theirs if it verifies.
-            theirs = _existing(out, name, source_id, force=False)
+            theirs = _existing(out, name, source_id, force=False, vocab_size_cap=vocab_size_cap)
             if theirs is not None:
                 return theirs
         _move_into_place(tmp, out)

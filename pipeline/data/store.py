@@ -70,7 +70,7 @@ def _attempt(fn: Callable[[], T], what: str, url: str, attempts: int) -> T:
 
 
 def _file_names(manifest: DatasetManifest) -> list[str]:
-    return [info.file for info in manifest.splits.values()] + [VOCAB_NAME]
+    return [info.file for info in manifest.files()] + [VOCAB_NAME]
 
 
 def read_stored_manifest(
@@ -100,7 +100,7 @@ def verify_stored(url: str, storage_options: dict[str, Any] | None = None, *, at
     if manifest is None:
         return None
     fs, root = _open_store(url, storage_options)
-    for info in manifest.splits.values():
+    for info in manifest.files():
         path = f"{root.rstrip('/')}/{info.file}"
 
         def digest(path: str = path) -> str | None:

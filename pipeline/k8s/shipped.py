@@ -26,6 +26,9 @@ SHIPPED_MANIFESTS: dict[str, tuple[str, ...]] = {
     "mlflow.yaml": ("--what", "mlflow"),
     "enwik8_rlstm.yaml": ("--config", "enwik8_rlstm", *_GPU_SHAPE),
     "text8_rlstm.yaml": ("--config", "text8_rlstm", *_GPU_SHAPE),
+    # The sentence VAE of thesis §5.7.2 (~1.5M parameters): one GPU.
+    "ptb_vae.yaml": ("--config", "ptb_vae", "--cluster.train.gpus", "1", "--cluster.train.cpu", "8",
+                     "--cluster.train.memory", "32Gi"),
     # The nightly run: the enwik8 pipeline, shortened to a regression-sized run (~1 GPU-hour per GPU).
     "nightly-enwik8_rlstm.yaml": ("--config", "enwik8_rlstm", "--what", "nightly", "--schedule", "0 3 * * *",
                                   *_GPU_SHAPE, "--train.max_steps", "20000"),

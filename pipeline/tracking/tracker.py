@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, PipelineConfig, flatten_config
+from pipeline.config import ConfigError, PipelineConfig
 from pipeline.tracking.calls import PLOTS_DIR, CallSender, scoped_env
 from pipeline.tracking.ops import (
     PARENT,
@@ -142,7 +142,7 @@ class Tracker:
         if tentative:
             self._gate = TrackingOp(_GATE, self._stage_run(), {"stage": stage, "id": uuid.uuid4().hex, "state": "open"})
             self._enqueue_op(self._gate)
-        params = {k: "null" if v is None else str(v) for k, v in flatten_config(self.config).items()}
+        params = {k: "null" if v is None else str(v) for k, v in self.config.tracked_params().items()}
         for run in (PARENT, self._stage_run()):
             self._enqueue("set_status", run, {"status": "RUNNING"})
             self._enqueue("log_params", run, {"params": params})
