@@ -61,6 +61,20 @@ def _cap(i: Tensor, f: Tensor) -> Tensor:
     return i - (i + f - 1.0).relu()
 
 
+def _project(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x W^T (+ bias)`` over the last axis: [..., m] -> [..., out] (one matmul over all leading axes)."""
+    flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    out = torch.mm(flat, weight.t()) if bias is None else torch.addmm(bias, flat, weight.t())
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], -1)
+
+
+def _uniform_init(cell: nn.Module) -> None:
+    """Every parameter of ``cell`` ~ U(-1/√n, 1/√n), n = its hidden size (as ``torch.nn.LSTM``)."""
+    bound = 1.0 / math.sqrt(cell.hidden_size)
+    for p in cell.parameters():
+        nn.init.uniform_(p, -bound, bound)
+
+
 def _check_sizes(input_size: int, hidden_size: int) -> None:
     if input_size <= 0 or hidden_size <= 0:
         raise ValueError(f"input_size and hidden_size must be > 0, got {input_size}, {hidden_size}")
@@ -97,9 +111,7 @@ class LSTMCell(nn.Module):
         self.reset_parameters(chrono_t_max, forget_bias_init)
 
     def reset_parameters(self, chrono_t_max: float | None = None, forget_bias_init: float = 0.0) -> None:
-        bound = 1.0 / math.sqrt(self.hidden_size)
-        for p in self.parameters():
-            nn.init.uniform_(p, -bound, bound)
+        _uniform_init(self)
         n = self.hidden_size
         init_forget_bias(self.bias[n : 2 * n], chrono_t_max, forget_bias_init)
 
@@ -110,10 +122,7 @@ class LSTMCell(nn.Module):
 
     def input_projection(self, x: Tensor) -> Tensor:
         """``W_x x + b`` for all four gates: [..., m] -> [..., 4n]."""
-        if x.dim() == 2:
-            return torch.addmm(self.bias, x, self.weight_ih.t())
-        flat = x.reshape(-1, x.shape[-1])
-        return torch.addmm(self.bias, flat, self.weight_ih.t()).view(*x.shape[:-1], -1)
+        return _project(x, self.weight_ih, self.bias)
 
     def make_step(self) -> StepFn:
         """Step function ``(xproj [B,4n], h, c, state_mask) -> (h, c)`` with weights bound."""
@@ -180,9 +189,7 @@ class RLSTMCell(nn.Module):
         self.reset_parameters(chrono_t_max, forget_bias_init)
 
     def reset_parameters(self, chrono_t_max: float | None = None, forget_bias_init: float = 0.0) -> None:
-        bound = 1.0 / math.sqrt(self.hidden_size)
-        for p in self.parameters():
-            nn.init.uniform_(p, -bound, bound)
+        _uniform_init(self)
         n = self.hidden_size
         init_forget_bias(self.bias[2 * n :], chrono_t_max, forget_bias_init)
 
@@ -192,10 +199,7 @@ class RLSTMCell(nn.Module):
 
     def input_projection(self, x: Tensor) -> Tensor:
         """``[W_ix x, W_jx x]`` (no bias; biases are added in the step): [..., m] -> [..., 2n]."""
-        if x.dim() == 2:
-            return torch.mm(x, self.weight_ih.t())
-        flat = x.reshape(-1, x.shape[-1])
-        return torch.mm(flat, self.weight_ih.t()).view(*x.shape[:-1], -1)
+        return _project(x, self.weight_ih, None)
 
     def make_step(self) -> StepFn:
         """Step function ``(xproj [B,2n], h, c, state_mask) -> (h, c)`` with weights bound."""
@@ -264,9 +268,7 @@ class GRUCell(nn.Module):
         self.reset_parameters(chrono_t_max, forget_bias_init)
 
     def reset_parameters(self, chrono_t_max: float | None = None, forget_bias_init: float = 0.0) -> None:
-        bound = 1.0 / math.sqrt(self.hidden_size)
-        for p in self.parameters():
-            nn.init.uniform_(p, -bound, bound)
+        _uniform_init(self)
         n = self.hidden_size
         init_forget_bias(self.bias_ih[n : 2 * n], chrono_t_max, forget_bias_init)
         with torch.no_grad():
@@ -280,10 +282,7 @@ class GRUCell(nn.Module):
 
     def input_projection(self, x: Tensor) -> Tensor:
         """``W_i x + b_i`` for r, u, n: [..., m] -> [..., 3n]."""
-        if x.dim() == 2:
-            return torch.addmm(self.bias_ih, x, self.weight_ih.t())
-        flat = x.reshape(-1, x.shape[-1])
-        return torch.addmm(self.bias_ih, flat, self.weight_ih.t()).view(*x.shape[:-1], -1)
+        return _project(x, self.weight_ih, self.bias_ih)
 
     def make_step(self) -> StepFn:
         """Step function ``(xproj [B,3n], h, c, state_mask) -> (h', h')`` with weights bound."""
@@ -331,17 +330,11 @@ class ElmanCell(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        bound = 1.0 / math.sqrt(self.hidden_size)
-        for p in self.parameters():
-            nn.init.uniform_(p, -bound, bound)
+        _uniform_init(self)
 
     def input_projection(self, x: Tensor) -> Tensor:
         """``W_ih x + b_ih + b_hh``: [..., m] -> [..., n] (both biases folded in here)."""
-        bias = self.bias_ih + self.bias_hh
-        if x.dim() == 2:
-            return torch.addmm(bias, x, self.weight_ih.t())
-        flat = x.reshape(-1, x.shape[-1])
-        return torch.addmm(bias, flat, self.weight_ih.t()).view(*x.shape[:-1], -1)
+        return _project(x, self.weight_ih, self.bias_ih + self.bias_hh)
 
     def make_step(self) -> StepFn:
         """Step function ``(xproj [B,n], h, c, state_mask) -> (h', h')`` with weights bound."""

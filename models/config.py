@@ -9,22 +9,58 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-__all__ = ["ModelConfig"]
+__all__ = ["ModelConfig", "StrictConfig", "check_dropout", "check_positive", "check_rounds", "check_vocab_size", "required_vocab_size"]
 
 _DROPOUT_FIELDS = ("input_dropout", "state_dropout", "cell_output_dropout", "output_dropout")
 
 
-class ModelConfig(BaseModel):
+class StrictConfig(BaseModel):
+    """A config section: unknown fields are errors (naming the field), assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# Field checks shared by the model configs (this one and models.vae.VAEModelConfig).
+def check_vocab_size(v: int | None) -> int | None:
+    if v is not None and v <= 0:
+        raise ValueError(f"vocab_size must be > 0 (or None until filled in from the dataset), got {v}")
+    return v
+
+
+def check_positive(v: int, info: ValidationInfo) -> int:
+    if v <= 0:
+        raise ValueError(f"{info.field_name} must be > 0, got {v}")
+    return v
+
+
+def check_rounds(v: int) -> int:
+    if v < 0:
+        raise ValueError(f"mogrifier_rounds must be >= 0, got {v}")
+    return v
+
+
+def check_dropout(v: float, info: ValidationInfo) -> float:
+    if not (0.0 <= v < 1.0):  # also rejects NaN
+        raise ValueError(f"{info.field_name} must be in [0, 1), got {v}")
+    return v
+
+
+def required_vocab_size(vocab_size: int | None) -> int:
+    """``vocab_size``, or a clear error if it was never filled in."""
+    if vocab_size is None:
+        raise ValueError("vocab_size is not set: fill it in (> 0) from the dataset manifest before building the model")
+    return vocab_size
+
+
+class ModelConfig(StrictConfig):
     """Architecture of a :class:`models.lm.RecurrentLM`.
 
     ``vocab_size`` may be left as ``None`` in a config file; the pipeline fills
     it in from the dataset manifest (e.g. ``cfg.model_copy(update={"vocab_size": v})``
     or plain assignment, which is validated) before a model is built.
     """
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     cell: Literal["lstm", "rlstm", "gru", "elman"] = Field(
         default="rlstm",
@@ -66,33 +102,11 @@ class ModelConfig(BaseModel):
         description="Constant initial forget-gate bias (gru: update gate), used when chrono_t_max is null; elman: 0.",
     )
 
-    @field_validator("vocab_size")
-    @classmethod
-    def _check_vocab_size(cls, v: int | None) -> int | None:
-        if v is not None and v <= 0:
-            raise ValueError(f"vocab_size must be > 0 (or None until filled in from the dataset), got {v}")
-        return v
+    _check_vocab_size = field_validator("vocab_size")(check_vocab_size)
+    _check_positive = field_validator("hidden_size", "num_layers")(check_positive)
+    _check_rounds = field_validator("mogrifier_rounds")(check_rounds)
 
-    @field_validator("hidden_size", "num_layers")
-    @classmethod
-    def _check_positive(cls, v: int, info) -> int:
-        if v <= 0:
-            raise ValueError(f"{info.field_name} must be > 0, got {v}")
-        return v
-
-    @field_validator("mogrifier_rounds")
-    @classmethod
-    def _check_rounds(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError(f"mogrifier_rounds must be >= 0, got {v}")
-        return v
-
-    @field_validator(*_DROPOUT_FIELDS)
-    @classmethod
-    def _check_dropout(cls, v: float, info) -> float:
-        if not (0.0 <= v < 1.0):  # also rejects NaN
-            raise ValueError(f"{info.field_name} must be in [0, 1), got {v}")
-        return v
+    _check_dropout = field_validator(*_DROPOUT_FIELDS)(check_dropout)
 
     @field_validator("chrono_t_max")
     @classmethod
@@ -130,8 +144,4 @@ class ModelConfig(BaseModel):
 
     def require_vocab_size(self) -> int:
         """Return ``vocab_size`` or raise a clear error if it was never filled in."""
-        if self.vocab_size is None:
-            raise ValueError(
-                "vocab_size is not set: fill it in (> 0) from the dataset manifest before building the model"
-            )
-        return self.vocab_size
+        return required_vocab_size(self.vocab_size)

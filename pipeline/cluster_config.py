@@ -9,13 +9,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from models.config import StrictConfig
 
 __all__ = ["ClusterConfig", "GpuPodResources", "PodResources", "Toleration", "quantity_value"]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 _QUANTITY_SCALE = {"Ki": 2.0**10, "Mi": 2.0**20, "Gi": 2.0**30, "Ti": 2.0**40, "Pi": 2.0**50, "Ei": 2.0**60,
@@ -50,7 +48,7 @@ def _image_problem(image: str) -> str | None:
     return None
 
 
-class PodResources(_Strict):
+class PodResources(StrictConfig):
     """CPU and memory of one pod (Kubernetes quantities); a limit defaults to its request."""
 
     cpu: str = Field(default="1", description="CPU request, e.g. 8 or 500m.")
@@ -82,7 +80,7 @@ class GpuPodResources(PodResources):
     gpus: int = Field(default=1, ge=0, description="nvidia.com/gpu per pod; 0 runs on CPU.")
 
 
-class Toleration(_Strict):
+class Toleration(StrictConfig):
     """A Kubernetes toleration, e.g. {key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}."""
 
     key: str | None = Field(default=None, description="Taint key; null with operator Exists = every taint.")
@@ -102,7 +100,7 @@ _POD_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-class ClusterConfig(_Strict):
+class ClusterConfig(StrictConfig):
     """Running the pipeline on Kubernetes (``python -m pipeline k8s-manifest`` / ``drive``); unused locally."""
 
     image: str = Field(

@@ -8,6 +8,7 @@ resolved, with every run (``resolved_config.yaml`` in the work dir and MLflow pa
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 import os
 import re
@@ -15,9 +16,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from models.config import ModelConfig
+from models.config import ModelConfig, StrictConfig
 from pipeline.cluster_config import ClusterConfig, GpuPodResources, PodResources, Toleration, quantity_value
 from pipeline.errors import EXIT_CONFIG, PipelineError
 from pipeline.vae_config import VAEConfig
@@ -51,11 +52,7 @@ class ConfigError(PipelineError, ValueError):
     exit_code = EXIT_CONFIG
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class DataConfig(_Strict):
+class DataConfig(StrictConfig):
     """Where the corpus comes from and where its token arrays go."""
 
     dataset: Literal["enwik8", "text8", "ptb_word", "ptb_char", "text", "sentences", "synthetic"] = Field(
@@ -78,7 +75,7 @@ class DataConfig(_Strict):
     )
 
 
-class OptimizerConfig(_Strict):
+class OptimizerConfig(StrictConfig):
     """Optimizer and the gradient-side regularisers."""
 
     name: Literal["adam", "radam"] = Field(default="radam", description="adam, or radam: Rectified Adam (thesis §4.4).")
@@ -90,7 +87,7 @@ class OptimizerConfig(_Strict):
     l2_penalty: float = Field(default=0.0, ge=0, description="L2 regularisation: adds l2_penalty * 0.5 * sum(w^2) to the loss; 0 = none.")
 
 
-class AveragingConfig(_Strict):
+class AveragingConfig(StrictConfig):
     """Weight averaging: Two-Tailed Averaging (default) or the TA / EMA baselines."""
 
     method: Literal["two_tailed", "tail", "ema", "none"] = Field(
@@ -112,7 +109,7 @@ class AveragingConfig(_Strict):
         return self
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictConfig):
     """Truncated BPTT training."""
 
     batch_size: int = Field(default=128, gt=0, description="Global batch size: contiguous token stripes, split evenly across ranks.")
@@ -148,7 +145,7 @@ class TrainConfig(_Strict):
     zero_stage: Literal[1, 2] = Field(default=1, description="deepspeed: ZeRO stage 1 (shards optimizer state) or 2 (also gradients).")
 
 
-class CheckpointConfig(_Strict):
+class CheckpointConfig(StrictConfig):
     """Where and how often checkpoints are committed."""
 
     url: str | None = Field(
@@ -176,7 +173,7 @@ class CheckpointConfig(_Strict):
     )
 
 
-class TemperatureScan(_Strict):
+class TemperatureScan(StrictConfig):
     """Softmax temperatures tried on the validation set (one pass computes all of them)."""
 
     min: float = Field(default=0.8, gt=0, description="Lowest softmax temperature tried.")
@@ -190,7 +187,7 @@ class TemperatureScan(_Strict):
         return self
 
 
-class EvaluateConfig(_Strict):
+class EvaluateConfig(StrictConfig):
     """Final evaluation with the reported (2TA long-average) weights."""
 
     batch_size: int = Field(default=16, gt=0, description="Batch size (stripes) of the final evaluation.")
@@ -199,7 +196,7 @@ class EvaluateConfig(_Strict):
     temperature: TemperatureScan = Field(default_factory=TemperatureScan)
 
 
-class TrackingConfig(_Strict):
+class TrackingConfig(StrictConfig):
     """MLflow tracking."""
 
     enabled: bool = Field(default=True, description="Log params, metrics and artifacts to MLflow; false = no tracking.")
@@ -231,7 +228,7 @@ class TrackingConfig(_Strict):
     )
 
 
-class PipelineConfig(_Strict):
+class PipelineConfig(StrictConfig):
     """A whole experiment: data, model, training, evaluation, tracking and how it runs on a cluster."""
 
     name: str = Field(description="Experiment name: names the work dir and the MLflow experiment.")
@@ -311,12 +308,19 @@ def _unused_fields(config: PipelineConfig) -> list[str]:
     return [f"{section}.{name}" for section, names in _LM_ONLY_FIELDS.items() for name in names]
 
 
-def _check_task_fields(config: PipelineConfig) -> None:
-    """VAE-only fields on an LM config, and LM-only fields on a VAE config, are refused by name (a field at its
-    default is fine: a resolved config lists every field)."""
+@functools.cache
+def _section_defaults() -> dict[str, Any]:
+    """The flattened defaults of the sections whose fields belong to one task (computed once)."""
     defaults: dict[str, Any] = {}
     for section, cls in (("vae", VAEConfig), ("model", ModelConfig), ("train", TrainConfig), ("evaluate", EvaluateConfig)):
         defaults.update(flatten_config(cls(), prefix=f"{section}."))
+    return defaults
+
+
+def _check_task_fields(config: PipelineConfig) -> None:
+    """VAE-only fields on an LM config, and LM-only fields on a VAE config, are refused by name (a field at its
+    default is fine: a resolved config lists every field)."""
+    defaults = _section_defaults()
     values = flatten_config(config)
     for dotted in _unused_fields(config):
         matches = [k for k in values if k == dotted or k.startswith(dotted + ".")]

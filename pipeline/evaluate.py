@@ -62,7 +62,7 @@ def evaluation_fingerprint(config: PipelineConfig, model_path: Path) -> dict[str
             digest.update(block)
     fingerprint = {"model_sha256": digest.hexdigest(), "evaluate": config.evaluate.model_dump(mode="json"),
                    "data_dir": str(config.data_dir)}
-    if config.vae is not None:
+    if config.task == "vae":  # an LM's fingerprint stays as it was before the VAE task existed
         fingerprint["vae_evaluate"] = config.vae.evaluate.model_dump(mode="json")
     return fingerprint
 

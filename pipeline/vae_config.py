@@ -8,8 +8,9 @@ the pipeline needs (sentence data options and the evaluation settings) and the c
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from models.config import StrictConfig
 from models.vae import VAEModelConfig
 from models.vae.objectives import ObjectiveSpec
 from models.vae.remedies import AnnealingConfig, PretrainingConfig, SoftFreeBitsConfig
@@ -17,11 +18,7 @@ from models.vae.remedies import AnnealingConfig, PretrainingConfig, SoftFreeBits
 __all__ = ["VAEConfig", "VAEDataConfig", "VAEEvaluateConfig"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class VAEDataConfig(_Strict):
+class VAEDataConfig(StrictConfig):
     """How sentences are cut from the prepared corpus."""
 
     max_length: int | None = Field(
@@ -34,7 +31,7 @@ class VAEDataConfig(_Strict):
     )
 
 
-class VAEEvaluateConfig(_Strict):
+class VAEEvaluateConfig(StrictConfig):
     """Importance-sampled evaluation: during training (2TA's validation loss) and the final one."""
 
     training_samples: int = Field(
@@ -56,7 +53,7 @@ class VAEEvaluateConfig(_Strict):
     )
 
 
-class VAEConfig(_Strict):
+class VAEConfig(StrictConfig):
     """A sentence VAE (thesis ch. 5): architecture, estimator + objective, remedies, data, evaluation."""
 
     model: VAEModelConfig = Field(default_factory=VAEModelConfig)

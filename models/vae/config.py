@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from models.config import (
+    StrictConfig,
+    check_dropout,
+    check_positive,
+    check_rounds,
+    check_vocab_size,
+    required_vocab_size,
+)
 
 __all__ = ["VAEModelConfig"]
 
@@ -17,10 +26,9 @@ CellType = Literal["lstm", "rlstm", "gru", "elman"]
 _DROPOUT_FIELDS = ("embedding_dropout", "word_dropout", "input_dropout", "state_dropout", "output_dropout")
 
 
-class VAEModelConfig(BaseModel):
+class VAEModelConfig(StrictConfig):
     """Encoder, latent and decoder of a :class:`models.vae.model.SentenceVAE`."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     architecture: Literal["recurrent", "mlp"] = Field(
         default="recurrent",
@@ -82,21 +90,12 @@ class VAEModelConfig(BaseModel):
         default=None, description="Id of <unk> (word dropout's replacement); null = from the dataset."
     )
 
-    @field_validator("vocab_size")
-    @classmethod
-    def _check_vocab_size(cls, v: int | None) -> int | None:
-        if v is not None and v <= 0:
-            raise ValueError(f"vocab_size must be > 0 (or None until filled in from the dataset), got {v}")
-        return v
-
-    @field_validator(
+    _check_vocab_size = field_validator("vocab_size")(check_vocab_size)
+    _check_positive = field_validator(
         "embedding_size", "hidden_size", "latent_size", "num_latents", "categorical_embedding_size"
-    )
-    @classmethod
-    def _check_positive(cls, v: int, info) -> int:
-        if v <= 0:
-            raise ValueError(f"{info.field_name} must be > 0, got {v}")
-        return v
+    )(check_positive)
+    _check_rounds = field_validator("mogrifier_rounds")(check_rounds)
+    _check_dropout = field_validator(*_DROPOUT_FIELDS)(check_dropout)
 
     @field_validator("num_categories")
     @classmethod
@@ -105,25 +104,11 @@ class VAEModelConfig(BaseModel):
             raise ValueError(f"num_categories must be >= 2, got {v}")
         return v
 
-    @field_validator("mogrifier_rounds")
-    @classmethod
-    def _check_rounds(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError(f"mogrifier_rounds must be >= 0, got {v}")
-        return v
-
     @field_validator("min_std")
     @classmethod
     def _check_min_std(cls, v: float) -> float:
         if not v > 0.0 or v == float("inf"):
             raise ValueError(f"min_std must be a finite number > 0, got {v}")
-        return v
-
-    @field_validator(*_DROPOUT_FIELDS)
-    @classmethod
-    def _check_dropout(cls, v: float, info) -> float:
-        if not (0.0 <= v < 1.0):  # also rejects NaN
-            raise ValueError(f"{info.field_name} must be in [0, 1), got {v}")
         return v
 
     @field_validator("unk_id")
@@ -146,6 +131,4 @@ class VAEModelConfig(BaseModel):
 
     def require_vocab_size(self) -> int:
         """Return ``vocab_size`` or raise a clear error if it was never filled in."""
-        if self.vocab_size is None:
-            raise ValueError("vocab_size is not set: fill it in (> 0) from the dataset manifest before building the model")
-        return self.vocab_size
+        return required_vocab_size(self.vocab_size)

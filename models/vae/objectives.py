@@ -20,8 +20,10 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import Tensor
+
+from models.config import StrictConfig
 
 __all__ = [
     "ObjectiveSpec",
@@ -143,7 +145,7 @@ def _counts(log_weights: Tensor, samples: int | None, kl_samples: int | None) ->
     return s, q
 
 
-class ObjectiveSpec(BaseModel):
+class ObjectiveSpec(StrictConfig):
     """Which objective a sentence VAE maximises and which gradient estimator gets its gradients.
 
     The objective per sentence x with K = :attr:`num_samples` draws z_{1:K} ~ q(z|x):
@@ -155,8 +157,6 @@ class ObjectiveSpec(BaseModel):
       power = eq. 5.18. λ (``mi_weight``) weights the mutual-information term; Prop. 13: a single-sample
       kl or renyi objective with λ = 1 - β equals the β-VAE objective in expectation.
     """
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     estimator: Estimator = Field(
         default="elbo",

@@ -29,7 +29,9 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from models.config import StrictConfig
 
 __all__ = [
     "AnnealingConfig",
@@ -43,11 +45,7 @@ __all__ = [
 ]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class AnnealingConfig(_Strict):
+class AnnealingConfig(StrictConfig):
     """KL annealing: constant, linear warm-up (Bowman et al.) or cyclical (Fu et al. 2019)."""
 
     schedule: Literal["constant", "linear", "cyclical"] = Field(
@@ -95,7 +93,7 @@ def annealing_done(step: int, config: AnnealingConfig) -> bool:
     return step >= (config.warmup_steps if config.schedule == "linear" else config.total_steps)
 
 
-class SoftFreeBitsConfig(_Strict):
+class SoftFreeBitsConfig(StrictConfig):
     """Soft free bits (Chen et al. 2016; Leibowitz Alg. 1): γ steers the KL towards a target rate."""
 
     target_rate: float | None = Field(
@@ -143,7 +141,7 @@ class SoftFreeBits:
         self.gamma = float(state["gamma"])
 
 
-class PretrainingConfig(_Strict):
+class PretrainingConfig(StrictConfig):
     """Encoder pretraining as an autoencoder, then a decoder reset (Li et al. 2019; Leibowitz)."""
 
     steps: int = Field(

@@ -207,12 +207,7 @@ def plot_averaging_lengths_figure(history: History, title: str = "", *, method: 
                           "started yet, or 2TA re-initialising while the raw weights are better)",
                           fontsize=7.5, loc="left")
     top.set_ylabel("averaging length\n(iterates)")
-    if any_length:
-        # Outside the axes: the sawtooth fills the panel from corner to corner.
-        top.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-        top.grid(True, alpha=0.3)
-    else:
-        no_data(top)
+    _finish_panel(top, any_length)
 
     use_bpc = any(series_points(history.get(f"valid/{stem}_bpc"))[0] for stem in ("raw", "short", "long"))
     any_loss = False
@@ -227,12 +222,17 @@ def plot_averaging_lengths_figure(history: History, title: str = "", *, method: 
             any_loss = True
     bottom.set_ylabel("validation loss\n" + ("(bpc)" if use_bpc else "(nats per token)"))
     bottom.set_xlabel("optimizer step")
-    if any_loss:
-        bottom.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
-        bottom.grid(True, alpha=0.3)
-    else:
-        no_data(bottom)
+    _finish_panel(bottom, any_loss)
     return fig
+
+
+def _finish_panel(ax: Axes, has_data: bool) -> None:
+    """A legend outside the axes (the sawtooth fills the panel from corner to corner) and a grid; or "no data"."""
+    if has_data:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+        ax.grid(True, alpha=0.3)
+    else:
+        no_data(ax)
 
 
 def plot_averaging_lengths(history: History, path: str | Path, title: str = "", *,

@@ -82,8 +82,6 @@ class SentenceVAETask:
     name = "vae"
 
     def __init__(self, config: PipelineConfig, manifest: DatasetManifest, ctx: DistContext) -> None:
-        if config.vae is None:
-            raise ConfigError("task vae needs the vae section")
         self.config = config
         self.vae_cfg = vae = config.vae
         self.ctx = ctx
@@ -154,7 +152,7 @@ class SentenceVAETask:
         sentences = part.lengths.numel()
         tokens = part.lengths.sum().clamp_min(1)
         value = -(result.objective.detach() * sentences / tokens).float()  # nats per token
-        metrics = {name: value.detach() for name, value in result.metrics.items()}
+        metrics = {name: metric.detach() for name, metric in result.metrics.items()}
         metrics["kl_weight"] = torch.tensor(kl_weight)
         if "kl_analytic" in metrics:
             self._step_kl.append(float(metrics["kl_analytic"]))
@@ -167,27 +165,21 @@ class SentenceVAETask:
             self._period_steps += 1
 
     # ---------------------------------------------------------------- evaluation during training
-    @torch.no_grad()
     def validation_loss(self, model: nn.Module) -> tuple[float, float]:
+        """Importance-sampled NLL (eval mode, no gradients: see importance_sampled_log_likelihood)."""
         ev = self.vae_cfg.evaluate
         if self._valid_noise is None:
             # The same noise every evaluation, per sentence: the three weights 2TA compares (raw, short, long)
             # see the same samples, and a sentence's samples do not depend on which rank scores it.
             generator = torch.Generator().manual_seed(self.config.train.seed * _SEED_STRIDE + _VALID_NOISE_OFFSET)
             self._valid_noise = model.latent.draw_noise(ev.training_samples, self._valid_sentences, generator)
-        was_training = model.training
-        model.eval()
-        try:
-            nll, tokens = 0.0, 0.0
-            for batch in self.valid_batches:
-                part = _rows(batch, slice(None), self.device)
-                noise = self._valid_noise[:, batch.indices]
-                log_px = importance_sampled_log_likelihood(model, part, ev.training_samples, ev.chunk_size, noise)
-                nll -= float(log_px.double().sum())
-                tokens += float(part.lengths.sum())
-            return nll, tokens
-        finally:
-            model.train(was_training)
+        nll, tokens = 0.0, 0.0
+        for batch in self.valid_batches:
+            noise = self._valid_noise[:, batch.indices]
+            log_px = importance_sampled_log_likelihood(model, batch, ev.training_samples, ev.chunk_size, noise)
+            nll -= float(log_px.sum())
+            tokens += float(batch.lengths.sum())
+        return nll, tokens
 
     def after_evaluation(self, step: int) -> dict[str, float]:
         """Soft free bits: γ adapts once per evaluation period to the mean training KL of the period."""
@@ -245,12 +237,13 @@ def evaluate_final_vae(model: nn.Module, config: PipelineConfig, manifest: Datas
     """Score valid (``vae.evaluate.valid_samples`` importance samples) and test (``test_samples``)."""
     ev = config.vae.evaluate
     result = VAEFinalResult(unit=manifest.unit)
+    corpora = {split: _corpus(config, split) for split in ("valid", "test")}
     for split, samples in (("valid", ev.valid_samples), ("test", ev.test_samples)):
-        batches = evaluation_batches(_corpus(config, split), ev.batch_size, max_sentences=ev.max_sentences)
+        batches = evaluation_batches(corpora[split], ev.batch_size, max_sentences=ev.max_sentences)
         evaluation = evaluate_vae(model, batches, num_samples=samples, chunk_size=ev.chunk_size)
         metrics = evaluation.metrics()
         setattr(result, split, {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))})
-    valid = _corpus(config, "valid")
+    valid = corpora["valid"]
     if valid.labels is not None:  # a labelled corpus: where the sentences of each label land in latent space
         path = config.run_dir / "plots" / LATENT_PLOT_FILE
         means, labels = posterior_means(model, evaluation_batches(valid, ev.batch_size, max_sentences=ev.max_sentences))
