@@ -1,7 +1,9 @@
 """Command-line interface: ``python -m pipeline <stage> --config <name-or-yaml> [--section.field value ...]``.
 
 Stages: ``prepare``, ``train``, ``evaluate`` and ``run`` (all three in sequence); ``configs``
-lists the shipped experiment configs. Every field of :class:`pipeline.config.PipelineConfig` is
+lists the shipped experiment configs; ``compare``, ``pareto`` (sentence VAEs' NLL-MI frontiers) and
+``sweep`` (a grid of one config, locally or on Kubernetes) read or make several runs; the Kubernetes
+commands are ``drive``, ``k8s-manifest``, ``fetch-data`` and ``create-buckets``. Every field of :class:`pipeline.config.PipelineConfig` is
 also a command-line option (``--train.optimizer.lr 0.003``, ``--model.chrono_t_max null``): the
 options are generated from the schema, values are parsed as YAML scalars and validated by it.
 """
@@ -30,7 +32,7 @@ log = logging.getLogger("pipeline")
 
 STAGES = ("prepare", "train", "evaluate", "run")
 # Modules that register further subcommands through ``register_commands(subparsers)``.
-COMMAND_MODULES: tuple[str, ...] = ("pipeline.compare", "pipeline.k8s.commands")
+COMMAND_MODULES: tuple[str, ...] = ("pipeline.compare", "pipeline.pareto", "pipeline.sweep", "pipeline.k8s.commands")
 
 
 # Each stage's line in the command list, and the description its --help starts with.

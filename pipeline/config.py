@@ -212,6 +212,10 @@ class TrackingConfig(StrictConfig):
         description="Stages (pods) with the same key share one parent run; null = $PIPELINE_RUN_KEY; $MLFLOW_RUN_ID "
         "overrides.",
     )
+    sweep_key: str | None = Field(
+        default=None, description="Nest this pipeline run under the sweep (or study) run tagged pipeline.sweep_key=<key> in "
+        "the same experiment (`python -m pipeline sweep` sets it); null = a top-level run."
+    )
     system_metrics: bool = Field(default=True, description="Log CPU, memory and GPU utilisation as system/* metrics.")
     system_metrics_interval: float = Field(default=10.0, gt=0, description="Seconds between system metric samples.")
     plots: bool = Field(default=True, description="Log learning-curve, averaging-length and summary plots as artifacts.")

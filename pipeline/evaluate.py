@@ -124,5 +124,8 @@ def run_evaluate(config: PipelineConfig, tracker=None, *, force: bool = False):
         tracker.log_artifact(config.run_dir / RESULTS_FILE)
         tracker.log_summary_plot(metrics, spec.unit(manifest))
         for artifact in getattr(result, "artifacts", []):
-            tracker.log_artifact(Path(artifact), "plots")
+            path = Path(artifact)
+            tracker.log_artifact(path, "samples" if path.parent.name == "samples" else "plots")
+        if config.task == "vae":
+            tracker.log_pareto_plot()
     return result, True

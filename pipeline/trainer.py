@@ -308,7 +308,8 @@ class Trainer(TrainerCheckpoints):
         report = self.averager.evaluate_and_adapt(self._validation_loss)
         self.last_report = report
         self._report_step = self.step
-        self._task_eval_metrics = self.task.after_evaluation(self.step)
+        with self.averager.reported_weights():  # the weights valid/reported_loss scored
+            self._task_eval_metrics = self.task.after_evaluation(self.step, self.model)
         return report
 
     def train(self) -> TrainResult:

@@ -51,6 +51,14 @@ class VAEEvaluateConfig(StrictConfig):
     max_sentences: int | None = Field(
         default=None, gt=0, description="Score at most this many sentences of valid and test; null = all."
     )
+    report_sentences: int = Field(
+        default=8, ge=0, description="Prior samples and reconstructed validation sentences in the samples report "
+        "(samples/vae_samples.html and .txt, with interpolations); 0 = no report."
+    )
+    latent_map_points: int = Field(
+        default=2000, ge=0, description="Validation sentences on the latent map (posterior means by PCA and t-SNE, "
+        "coloured by label); 0 = no map."
+    )
 
 
 class VAEConfig(StrictConfig):
@@ -75,5 +83,19 @@ class VAEConfig(StrictConfig):
                 f"{', '.join(uses)} weight the analytic KL term, which only vae.objective.estimator elbo with "
                 f"vae.objective.kind standard has (got {self.objective.estimator} / {self.objective.kind}); use those, "
                 "or the MICMCO weight vae.objective.mi_weight instead"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _vq_trains_with_elbo(self) -> VAEConfig:
+        objective = self.objective
+        if self.model.latent == "vq" and (objective.estimator, objective.kind, objective.samples) != ("elbo", "standard", 1):
+            raise ValueError(
+                "vae.model.latent 'vq' (VQ-VAE) trains with its own objective, log p(x|z_q) + the commitment loss, "
+                "without a mutual-information term (thesis §5.A) and with a point-mass posterior (all samples "
+                f"equal); got vae.objective.estimator {objective.estimator!r}, kind {objective.kind!r}, samples "
+                f"{objective.samples}: set vae.objective.estimator: elbo, kind: standard, samples: 1 and drop "
+                "mi_weight / alpha / kl_samples (control the latent usage with vae.model.num_latents and "
+                "num_categories instead: KL = num_latents x ln num_categories)"
             )
         return self

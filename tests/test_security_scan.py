@@ -82,6 +82,14 @@ def manifests_dir(tmp_path_factory) -> Path:
                            configmap=f"{builders.dns_name(name)}-config")
         objects = [build_stage_job(config, stage, driver) for stage in builders.STAGES]
         (out / f"driver-built-{name}.yaml").write_text(render_yaml([*objects, build_train_service(config, driver)]))
+    # A sweep's objects (one driver Job per point, one shared driver account) are scanned the same way.
+    from pipeline.sweep import expand_grid, parse_axis, point_config, sweep_key
+
+    base = load_config("ptb_vae")
+    axes = [parse_axis("lambda=0,0.5")]
+    key = sweep_key(base, axes)
+    points = [point_config(base, point, key) for point in expand_grid(axes)]
+    (out / "sweep-ptb_vae.yaml").write_text(render_yaml(builders.build_sweep_manifest(points, "ptb-vae-sweep", key)))
     return out
 
 
@@ -96,6 +104,7 @@ def test_kubernetes_objects_have_no_unexplained_findings(manifests_dir):
     assert not missing, f"checks that did not run or pass: {missing}"
     # The driver-built Jobs were scanned too, not only the shipped files.
     assert any("driver-built-enwik8_rlstm" in c["file_path"] for c in report["passed_checks"])
+    assert any("sweep-ptb_vae" in c["file_path"] for c in report["passed_checks"])
 
 
 def test_dockerfile_has_no_unexplained_findings():

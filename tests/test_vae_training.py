@@ -197,6 +197,17 @@ def test_pretraining_anneals_and_restarts_optimization(tmp_path, ptb_word_dir):
     assert resets == [3]
     assert tracker.series("train/kl_weight") == pytest.approx({1: 0, 2: 0, 3: 0, 4: 0, 5: 0.25, 6: 0.5, 7: 0.75, 8: 1})
     assert any(not torch.equal(encoder_before[k], v) for k, v in trainer.model.encoder.state_dict().items())
+    # The curves over training: latent usage of the reported (2TA) weights at each evaluation, on the
+    # validation sentences and noise 2TA scores - the same figures an independent evaluation gives.
+    from pipeline.tasks.vae_evaluation import evaluate_vae
+
+    assert set(tracker.series("vae/mutual_information")) == {4, 8} == set(tracker.series("vae/active_units"))
+    ev = trainer.config.vae.evaluate
+    with trainer.averager.reported_weights():
+        expected = evaluate_vae(trainer.model, trainer.task.valid_batches, num_samples=ev.training_samples,
+                                chunk_size=ev.chunk_size, noise=trainer.task._valid_noise).metrics()
+    for name in ("mutual_information", "kl_per_token", "active_units"):
+        assert tracker.series(f"vae/{name}")[8] == pytest.approx(expected[name], rel=1e-9)
 
 
 def test_synthetic_task_with_categorical_latents_and_vimco(tmp_path):
@@ -285,7 +296,15 @@ def test_a_labelled_corpus_trains_and_plots_its_latents_by_label(tmp_path):
     run_train(cfg)
     evaluation, _ = run_evaluate(cfg)
     plot = tmp_path / "run" / "plots" / LATENT_PLOT_FILE
-    assert evaluation.artifacts == [str(plot)] and plot.stat().st_size > 0
+    samples = tmp_path / "run" / "samples"
+    assert evaluation.artifacts == [str(plot), str(samples / "vae_samples.txt"), str(samples / "vae_samples.html")]
+    assert plot.stat().st_size > 0
+    report = (samples / "vae_samples.txt").read_text()
+    first_valid = (corpus / "valid.txt").read_text().splitlines()[0].split("\t")[0]
+    assert first_valid in report and "interpolation" in report.lower()  # the report reconstructs valid sentences
+    torch.rand(3)  # whatever used the global random state before, scoring again gives the same figures
+    again, evaluated = run_evaluate(cfg, force=True)
+    assert evaluated and again.valid == evaluation.valid and again.test == evaluation.test
     # The figure itself: one scatter per label, named with its count.
     means = rng.normal(size=(6, 3))
     figure = plot_latent_means_figure(means, ["ann", "bob", "ann", "bob", "ann", "cid"])

@@ -6,6 +6,7 @@ from the prepared data before a model is built (``word_dropout > 0`` needs ``unk
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -47,17 +48,35 @@ class VAEModelConfig(StrictConfig):
     mogrifier_rounds: int = Field(
         default=0, description="Mogrifier rounds in the encoder and decoder recurrent layers (eq. 2.2); 0 = none."
     )
-    latent: Literal["gaussian", "categorical"] = Field(
+    latent: Literal["gaussian", "categorical", "vq"] = Field(
         default="gaussian",
         description="gaussian: diagonal normal q(z|x), standard normal prior; categorical: num_latents independent "
-        "categoricals, uniform prior.",
+        "categoricals, uniform prior; vq: VQ-VAE (van den Oord et al. 2017, thesis §5.A), num_latents latents "
+        "quantised to one of num_categories codes each (a codebook per latent, code size "
+        "categorical_embedding_size), point-mass q(z|x), uniform prior (KL = n ln m, fixed); trains with "
+        "estimator elbo, 1 sample.",
     )
     latent_size: int = Field(default=40, description="Dimensions of the Gaussian latent.")
-    num_latents: int = Field(default=8, description="Number n of categorical latents.")
-    num_categories: int = Field(default=10, description="Categories m of each categorical latent.")
+    num_latents: int = Field(default=8, description="Number n of categorical / VQ latents (thesis VQ range 1-8).")
+    num_categories: int = Field(
+        default=10, description="Categories m of each categorical latent / codes of each VQ latent (thesis VQ range "
+        "2-20)."
+    )
     categorical_embedding_size: int = Field(
         default=16,
-        description="Decoder embedding size of each categorical latent's value (the n embeddings are concatenated).",
+        description="Decoder embedding size of each categorical latent's value (the n embeddings are concatenated); "
+        "for vq the size e of each code vector (the encoder outputs n*e values).",
+    )
+    vq_beta: float = Field(
+        default=0.25,
+        description="vq only: β, the weight of the commitment loss β||z_e - sg(e)||² in the encoder loss; a finite "
+        "number >= 0 (van den Oord et al.: 0.25; thesis tuning range 0.01-20).",
+    )
+    vq_decay: float | None = Field(
+        default=0.99,
+        description="vq only: decay of the exponential moving averages that update the codebook, in [0, 1) (thesis "
+        "tuning range 0.9-0.99999); null = no EMA: the codebook is a parameter trained by the codebook loss "
+        "||sg(z_e) - e||².",
     )
     min_std: float = Field(
         default=1e-4, description="Floor of the Gaussian posterior std: std = softplus(raw) + min_std."
@@ -102,6 +121,23 @@ class VAEModelConfig(StrictConfig):
     def _check_categories(cls, v: int) -> int:
         if v < 2:
             raise ValueError(f"num_categories must be >= 2, got {v}")
+        return v
+
+    @field_validator("vq_beta")
+    @classmethod
+    def _check_vq_beta(cls, v: float) -> float:
+        if not (math.isfinite(v) and v >= 0.0):
+            raise ValueError(f"vq_beta (the VQ commitment weight) must be a finite number >= 0, got {v}")
+        return v
+
+    @field_validator("vq_decay")
+    @classmethod
+    def _check_vq_decay(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 <= v < 1.0:
+            raise ValueError(
+                f"vq_decay must be in [0, 1) (the thesis tuned it in 0.9-0.99999), or null to train the codebook "
+                f"by gradient instead of by moving averages; got {v}"
+            )
         return v
 
     @field_validator("min_std")

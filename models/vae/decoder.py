@@ -5,7 +5,8 @@ log-probability of the sentence's targets summed over its real (``mask``) positi
 contribute exactly 0. The ``K*B`` sequences run as one batch (flattened sample-major, row ``k*B + b``).
 
 The decoder reads the latent as a vector ``z_vec`` [K, B, D'] (:class:`LatentInput`): a Gaussian ``z``
-itself; categorical indices ``z`` [K, B, n] through one embedding table per latent, concatenated.
+itself; categorical indices ``z`` [K, B, n] through one embedding table per latent, concatenated; a VQ
+sample's quantised vectors ``z_q`` (its codebook belongs to :class:`~models.vae.latents.VQLatent`).
 
 :class:`RecurrentDecoder` (thesis §5.7.2): at step ``t`` the input is ``[E[w_t] ; z_vec]`` (previous
 token's embedding, then the latent), one unidirectional :class:`~models.mogrifier.RecurrentLayer` of
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 
 from ..lm import EMBEDDING_INIT_RANGE
 from ..mogrifier import RecurrentLayer
-from .latents import CategoricalLatent, GaussianLatent
+from .latents import CategoricalLatent, GaussianLatent, VQLatent
 
 __all__ = ["LatentInput", "MLPDecoder", "RecurrentDecoder"]
 
@@ -46,13 +47,16 @@ class LatentInput(nn.Module):
 
     Gaussian: the identity (``D' = D``). Categorical: ``weight`` [n*m, e] holds one ``e``-vector per
     (latent, category), rows latent-major; ``z_vec = concat_i weight[i*m + z_i]`` (``D' = n e``),
-    initialised N(0, 1) (the scale of a Gaussian ``z``).
+    initialised N(0, 1) (the scale of a Gaussian ``z``). VQ: the quantised vectors ``z_q``, the first
+    ``D' = n e`` values of a sample ``[z_q ; codes]`` (a bare ``z_q`` [K, B, n e], e.g. the latent's
+    ``posterior_mean``, is taken as is); no parameters here, the codebook is the latent's.
     """
 
-    def __init__(self, latent: GaussianLatent | CategoricalLatent) -> None:
+    def __init__(self, latent: GaussianLatent | CategoricalLatent | VQLatent) -> None:
         super().__init__()
         self.size = latent.decoder_input_size
         self.categorical = isinstance(latent, CategoricalLatent)
+        self.vq = isinstance(latent, VQLatent)
         if self.categorical:
             self.num_latents = latent.num_latents
             self.num_categories = latent.num_categories
@@ -60,6 +64,8 @@ class LatentInput(nn.Module):
             self.register_buffer(
                 "offsets", torch.arange(latent.num_latents) * latent.num_categories, persistent=False
             )
+        if self.vq:
+            self.sample_size = latent.sample_size
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -67,7 +73,12 @@ class LatentInput(nn.Module):
             nn.init.normal_(self.weight)
 
     def forward(self, z: Tensor) -> Tensor:
-        """``z`` [K, B, D] float or [K, B, n] int64 -> ``z_vec`` [K, B, D']."""
+        """``z`` [K, B, D] float, [K, B, n] int64 or [K, B, n e (+ n)] float (VQ) -> ``z_vec`` [K, B, D']."""
+        if self.vq:
+            if z.shape[-1] not in (self.size, self.sample_size):
+                raise ValueError(f"VQ latents are [K, B, {self.sample_size}] samples or [K, B, {self.size}] "
+                                 f"quantised vectors, got {tuple(z.shape)}")
+            return z[..., : self.size]
         if not self.categorical:
             return z
         embedded = F.embedding(z + self.offsets, self.weight)  # [K, B, n, e]

@@ -36,6 +36,13 @@ w = ``kl_weight`` × ``kl_weight_scale``; gaussian: reparameterised lp path; cat
 function with a leave-one-out batch baseline. Free bits clamp the batch-mean KL (``free_bits_mode: batch``,
 as Kingma et al. 2016 and Li et al. 2019 do) or each sentence's KL (``sentence``).
 
+VQ latents (``terms.latent_loss`` not None, :class:`~models.vae.latents.VQLatent`): estimator elbo only
+(the VQ-VAE objective has no mutual-information term and a point-mass posterior; any other estimator is
+refused). The reconstruction gradient reaches the encoder straight-through by the reparameterised path
+above, the analytic KL ``n ln m`` is a constant, and the batch mean of ``latent_loss`` (β·commitment, +
+the codebook loss without EMA) is added to ``encoder_loss`` (metric ``latent_loss``); it is not part of
+the reported objective.
+
 All losses and metrics are batch means per sentence (nats/sentence), i.e. gradients of the batch-mean
 objective. Under ``torch.no_grad()`` only the objective and metrics are computed (losses are 0).
 """
@@ -233,6 +240,11 @@ def estimate(terms: LatentTerms, spec: ObjectiveSpec, *, kl_weight_scale: float 
         )
     if spec.estimator != "elbo" and kl_weight_scale != 1.0:
         raise ValueError(f"kl_weight_scale applies to estimator 'elbo' only (estimator is {spec.estimator!r})")
+    if getattr(terms, "latent_loss", None) is not None and spec.estimator != "elbo":
+        raise ValueError(
+            f"VQ latents train with estimator 'elbo' (kind standard, 1 sample), not {spec.estimator!r}: the VQ-VAE "
+            "objective has no mutual-information term and its point-mass posterior gives identical samples"
+        )
     log_weights = (lp + terms.log_pz - terms.log_qz).detach()
     if spec.estimator == "elbo":
         return _elbo(terms, spec, log_weights, spec.kl_weight * kl_weight_scale)
@@ -281,6 +293,10 @@ def _elbo(terms: LatentTerms, spec: ObjectiveSpec, log_weights: Tensor, weight: 
     metrics = _metrics(terms, spec, log_weights, objective)
     metrics["kl_penalty"] = penalty.detach()
     metrics["kl_weight"] = lp.new_tensor(weight).detach()
+    latent_loss = getattr(terms, "latent_loss", None)
+    latent_loss = None if latent_loss is None else latent_loss.mean()
+    if latent_loss is not None:
+        metrics["latent_loss"] = latent_loss.detach()
     if not torch.is_grad_enabled():
         zero = lp.new_zeros(())
         return Estimate(objective, zero, zero.clone(), metrics)
@@ -291,4 +307,7 @@ def _elbo(terms: LatentTerms, spec: ObjectiveSpec, log_weights: Tensor, weight: 
         lp_value = lp.detach()
         signal = lp_value - _batch_baseline(lp_value.mean(0))[None, :]  # [K, B]
         reconstruction = (signal / (k * batch) * _log_q_params(terms)).sum()
-    return Estimate(objective, decoder_loss, weight * penalty - reconstruction, metrics)
+    encoder_loss = weight * penalty - reconstruction
+    if latent_loss is not None:
+        encoder_loss = encoder_loss + latent_loss
+    return Estimate(objective, decoder_loss, encoder_loss, metrics)

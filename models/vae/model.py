@@ -10,6 +10,11 @@ latents with grad enabled) or ``z.detach()``, so ``log_px_z`` has a graph to the
 path derivative through the decoder is ``autograd.grad(log_px_z..., z_leaf)``, which an estimator
 chains into the encoder through ``z``; this touches no parameter's ``.grad`` (DDP-safe) and lets
 each estimator weight the decoder and encoder gradients differently.
+
+VQ latents (:class:`~models.vae.latents.VQLatent`): ``z`` is the straight-through quantised vector, so
+the same path derivative copies the decoder's gradient w.r.t. ``z_q`` to the encoder; ``latent_loss``
+carries the commitment (+ codebook) loss, and in training mode the EMA codebook is updated after the
+batch was quantised (and scored) with the old codebook.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from torch import Tensor, nn
 from .config import VAEModelConfig
 from .decoder import LatentInput, MLPDecoder, RecurrentDecoder
 from .encoder import MLPEncoder, RecurrentEncoder
-from .latents import CategoricalLatent, GaussianLatent
+from .latents import CategoricalLatent, GaussianLatent, VQLatent
 
 __all__ = ["LatentTerms", "SentenceVAE", "build_latent"]
 
@@ -41,6 +46,8 @@ class LatentTerms:
     kl: Tensor  # [B] analytic KL(q(z|x) || p(z)) (graph to params)
     kl_per_dim: Tensor  # [B, D or n]
     num_tokens: Tensor  # [B] target tokens per sentence (= lengths)
+    latent_loss: Tensor | None = None  # [B] the latent's own loss (VQ: β·commitment [+ codebook]), graph to the
+    # encoder (and a trained codebook); the estimators add its batch mean to the encoder loss. None: no such loss
 
     @property
     def num_samples(self) -> int:
@@ -48,10 +55,13 @@ class LatentTerms:
         return self.log_px_z.shape[0]
 
 
-def build_latent(config: VAEModelConfig) -> GaussianLatent | CategoricalLatent:
+def build_latent(config: VAEModelConfig) -> GaussianLatent | CategoricalLatent | VQLatent:
     """The configured latent family."""
     if config.latent == "gaussian":
         return GaussianLatent(config.latent_size, config.min_std)
+    if config.latent == "vq":
+        return VQLatent(config.num_latents, config.num_categories, config.categorical_embedding_size,
+                        beta=config.vq_beta, decay=config.vq_decay)
     return CategoricalLatent(config.num_latents, config.num_categories, config.categorical_embedding_size)
 
 
@@ -60,7 +70,7 @@ class SentenceVAE(nn.Module):
 
     ``encoder(targets [T, B], lengths [B]) -> params [B, P]``;
     ``decoder.log_likelihood(inputs, targets, mask [T, B], z [K, B, ...]) -> [K, B]``;
-    ``latent``: :class:`GaussianLatent` or :class:`CategoricalLatent`. ``forward`` is
+    ``latent``: :class:`GaussianLatent`, :class:`CategoricalLatent` or :class:`VQLatent`. ``forward`` is
     :meth:`sample_terms` (so DDP wraps the whole pass).
     """
 
@@ -85,7 +95,8 @@ class SentenceVAE(nn.Module):
             )
         else:
             self.encoder = MLPEncoder(vocab_size, config.embedding_size, config.hidden_size, self.latent.param_size)
-            # §5.7.1: categorical latents are embedded first, so their decoder has one hidden layer, not two.
+            # §5.7.1: categorical latents are embedded first, so their decoder has one hidden layer, not two
+            # (VQ latents too: the decoder reads code vectors).
             hidden_layers = 2 if config.latent == "gaussian" else 1
             self.decoder = MLPDecoder(vocab_size, config.hidden_size, latent_input, hidden_layers)
 
@@ -111,6 +122,11 @@ class SentenceVAE(nn.Module):
         log_px_z = self.decoder.log_likelihood(inputs, targets, mask, decoder_z)
         log_qz = self.latent.log_prob(params, z)
         kl_per_dim = self.latent.kl_per_dim(params)
+        latent_loss = None
+        if isinstance(self.latent, VQLatent):
+            latent_loss = self.latent.auxiliary_loss(params)
+            if self.training:
+                self.latent.update_codebook(params)  # EMA (no-op without); the batch used the old codebook
         return LatentTerms(
             params=params,
             z=z,
@@ -122,6 +138,7 @@ class SentenceVAE(nn.Module):
             kl=kl_per_dim.sum(-1),
             kl_per_dim=kl_per_dim,
             num_tokens=lengths,
+            latent_loss=latent_loss,
         )
 
     def forward(

@@ -23,6 +23,7 @@ __all__ = [
     "DEFAULT_TRACKING_URI",
     "DEFAULT_WORK_ROOT",
     "default_output",
+    "missing_sqlite_store",
     "register_commands",
     "resolve_tracking_uri",
     "work_root",
@@ -48,7 +49,7 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(path) if path and path != ":memory:" else None
 
 
-def _missing_sqlite_store(uri: str) -> Path | None:
+def missing_sqlite_store(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI when it does not exist (reading must not create it)."""
     path = _sqlite_path(uri)
     return None if path is None or path.exists() else path
@@ -106,7 +107,7 @@ def register_commands(subparsers: Any) -> None:
 def _main(args: argparse.Namespace) -> int:
     """Run ``compare``: the table to stdout, the plot to ``args.output``; 0, or 2 after ``error: ...``."""
     uri = resolve_tracking_uri(args.tracking_uri)
-    missing = _missing_sqlite_store(uri)
+    missing = missing_sqlite_store(uri)
     if missing is not None:
         print(
             f"error: no MLflow store at {missing} (tracking URI {uri}); run the pipeline first, or pass "

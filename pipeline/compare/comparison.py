@@ -300,8 +300,8 @@ def compare_runs(
 ) -> Comparison:
     """Read pipeline runs from MLflow for a side-by-side comparison.
 
-    Either ``experiment`` (a name: all its pipeline runs -- active runs without
-    ``mlflow.parentRunId`` -- newest first, at most ``limit``) or ``run_ids`` (in that order; the id of
+    Either ``experiment`` (a name: all its pipeline runs -- active runs tagged
+    ``pipeline.kind=pipeline``, top level or nested under a sweep run -- newest first, at most ``limit``) or ``run_ids`` (in that order; the id of
     a stage run stands for its pipeline run; duplicates are dropped). Raises
     :class:`~pipeline.compare.lookup.UnknownExperimentError`, :class:`~pipeline.compare.lookup.UnknownRunError`
     or :class:`~pipeline.compare.lookup.NoRunsError` (all :class:`~pipeline.compare.lookup.ComparisonError`,

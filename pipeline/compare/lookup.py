@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 __all__ = [
     "KIND_TAG",
     "PARENT_TAG",
+    "PIPELINE_KIND",
+    "SWEEP_KIND",
     "STAGE_TAG",
     "ComparisonError",
     "NoRunsError",
@@ -37,6 +39,10 @@ KIND_TAG = "pipeline.kind"
 """``pipeline`` on a parent run, ``stage`` on a stage run."""
 STAGE_TAG = "pipeline.stage"
 """The stage of a stage run: ``prepare``, ``train`` or ``evaluate``."""
+PIPELINE_KIND = "pipeline"
+"""``pipeline.kind`` of a pipeline run (top level or nested under a sweep run)."""
+SWEEP_KIND = "sweep"
+"""``pipeline.kind`` of a sweep (or study) run, whose nested runs are pipeline runs."""
 
 
 class ComparisonError(LookupError, ValueError):
@@ -78,8 +84,16 @@ def search_active_runs(
 
 
 def _is_parent(run: Run) -> bool:
+    """A pipeline run: tagged ``pipeline.kind=pipeline`` (top level, or nested under a sweep / study run),
+    or an untagged top-level run of an older store."""
     tags = run.data.tags
-    return PARENT_TAG not in tags and tags.get(KIND_TAG) != "stage"
+    kind = tags.get(KIND_TAG)
+    return kind == PIPELINE_KIND or (kind is None and PARENT_TAG not in tags)
+
+
+def _is_stage(run: Run) -> bool:
+    tags = run.data.tags
+    return tags.get(KIND_TAG) == "stage" or (KIND_TAG not in tags and PARENT_TAG in tags)
 
 
 def _experiment_names(client: MlflowClient) -> list[str]:
@@ -111,7 +125,7 @@ def _parent_runs(client: MlflowClient, experiment: str, limit: int | None) -> li
                 break
     if not runs:
         raise NoRunsError(
-            f"experiment {experiment!r} has no pipeline runs (active runs without {PARENT_TAG}); "
+            f"experiment {experiment!r} has no pipeline runs (active runs tagged {KIND_TAG}={PIPELINE_KIND}); "
             "run the pipeline first (`python -m pipeline run --config ...`) or pass --run-ids"
         )
     return runs
@@ -159,14 +173,14 @@ def _active_experiments(client: MlflowClient) -> list[Any]:
 
 def _pipeline_id(run: Run) -> str:
     """The id of the pipeline run ``run`` belongs to (its parent for a stage run, else itself)."""
-    return run.data.tags.get(PARENT_TAG) or run.info.run_id
+    return run.data.tags[PARENT_TAG] if _is_stage(run) else run.info.run_id
 
 
 def _describe(run: Run) -> str:
     """``"<id> (<run name>, stage <stage> of <parent id>)"`` for an error message."""
     tags = run.data.tags
     parts = [tags.get("mlflow.runName") or run.info.run_name or ""]
-    if PARENT_TAG in tags:
+    if _is_stage(run):
         parts.append(f"stage {tags.get(STAGE_TAG, '?')} of {tags[PARENT_TAG][:8]}")
     return f"{run.info.run_id} ({', '.join(p for p in parts if p)})"
 
@@ -242,9 +256,8 @@ def _given_parents(client: MlflowClient, run_ids: Sequence[str]) -> list[Run]:
     for given in run_ids:
         run_id = resolve_run_id(client, given)
         run = _get_run(client, run_id, given=run_id)
-        parent_id = run.data.tags.get(PARENT_TAG)
-        if parent_id:
-            run = _get_run(client, parent_id, given=given)
+        if _is_stage(run):
+            run = _get_run(client, run.data.tags[PARENT_TAG], given=given)
         if run.info.run_id not in seen:
             seen.add(run.info.run_id)
             runs.append(run)
@@ -261,7 +274,7 @@ def find_pipeline_runs(
     """The pipeline (parent) runs to compare, as MLflow runs.
 
     Either ``experiment`` (a name: all its pipeline runs -- active runs without
-    ``mlflow.parentRunId`` -- newest first, at most ``limit``) or ``run_ids`` (full ids or unique
+    ``mlflow.parentRunId`` or nested under a sweep run -- newest first, at most ``limit``) or ``run_ids`` (full ids or unique
     prefixes, see :func:`resolve_run_id`; in that order; the id of a stage run stands for its pipeline
     run; duplicates are dropped). Raises :class:`UnknownExperimentError`, :class:`UnknownRunError` or
     :class:`NoRunsError` (all :class:`ComparisonError`) with a message saying how to fix it; errors of

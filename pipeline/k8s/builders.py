@@ -25,7 +25,7 @@ import functools
 import hashlib
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -55,6 +55,7 @@ __all__ = [
     "build_pipeline_manifest",
     "build_rbac",
     "build_stage_job",
+    "build_sweep_manifest",
     "build_train_service",
     "checkpoint_url",
     "cpu_image",
@@ -146,6 +147,7 @@ class ManifestNames:
 
     base: str  # the driver Job (one-apply) or CronJob (nightly)
     namespace: str
+    account: str | None = None  # the driver's ServiceAccount when shared (a sweep's points); else <base>-driver
 
     @classmethod
     def of(cls, config: PipelineConfig, *, nightly: bool = False) -> ManifestNames:
@@ -158,7 +160,7 @@ class ManifestNames:
 
     @property
     def service_account(self) -> str:
-        return f"{self.base}-driver"
+        return self.account or f"{self.base}-driver"
 
 
 @dataclass(frozen=True)
@@ -601,6 +603,37 @@ def build_nightly_manifest(config: PipelineConfig, schedule: str) -> list[dict[s
     """Like :func:`build_pipeline_manifest`, with a CronJob starting a fresh driver on ``schedule``."""
     names = ManifestNames.of(config, nightly=True)
     return [build_configmap(config, names), *build_rbac(config, names), build_driver_cronjob(config, names, schedule)]
+
+
+@_plain
+def build_sweep_manifest(configs: Sequence[PipelineConfig], sweep_name: str, key: str) -> list[dict[str, Any]]:
+    """A sweep on Kubernetes: one ConfigMap and one driver Job per point (each runs prepare -> train ->
+    evaluate of its config, as :func:`build_pipeline_manifest`), and one driver ServiceAccount, Role and
+    RoleBinding named ``<sweep_name>-driver`` that all points share. Every object is labelled
+    ``<LABEL>/sweep=<key>``, so ``kubectl get jobs -l`` lists a sweep; the points' configs carry
+    ``tracking.sweep_key`` (their MLflow runs nest under the sweep run).
+    """
+    if not configs:
+        raise ValueError("a sweep manifest needs at least one point")
+    namespaces = {c.cluster.namespace for c in configs}
+    if len(namespaces) != 1:
+        raise ValueError(f"the points of a sweep must share one namespace, got {sorted(namespaces)}")
+    shared = ManifestNames(base=dns_name(sweep_name, 50), namespace=namespaces.pop())
+    objects = build_rbac(configs[0], shared)
+    for obj in objects:  # the account serves every point: labelled with the experiment, not the first point
+        obj["metadata"]["labels"][f"{LABEL}/experiment"] = dns_name(configs[0].tracking.experiment or configs[0].name, 63)
+    bases = set()
+    for config in configs:
+        names = ManifestNames(base=ManifestNames.of(config).base, namespace=shared.namespace,
+                              account=shared.service_account)
+        if names.base in bases:
+            raise ValueError(f"two points of the sweep have the driver name {names.base!r}; give them distinct "
+                             "cluster.run_name values")
+        bases.add(names.base)
+        objects += [build_configmap(config, names), build_driver_job(config, names)]
+    for obj in objects:
+        obj["metadata"]["labels"][f"{LABEL}/sweep"] = key
+    return objects
 
 
 # ---------------------------------------------------------------------------------------------

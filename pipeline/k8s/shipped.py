@@ -29,6 +29,9 @@ SHIPPED_MANIFESTS: dict[str, tuple[str, ...]] = {
     # The sentence VAE of thesis §5.7.2 (~1.5M parameters): one GPU.
     "ptb_vae.yaml": ("--config", "ptb_vae", "--cluster.train.gpus", "1", "--cluster.train.cpu", "8",
                      "--cluster.train.memory", "32Gi"),
+    # A λ sweep of the PTB VAE (thesis §5.7.2 traces its frontier this way): one driver Job per point.
+    "ptb_vae_sweep.yaml": ("sweep", "--config", "ptb_vae", "--lambda", "0", "0.25", "0.5", "0.75", "0.9",
+                           "--cluster.train.gpus", "1", "--cluster.train.cpu", "8", "--cluster.train.memory", "32Gi"),
     # The nightly run: the enwik8 pipeline, shortened to a regression-sized run (~1 GPU-hour per GPU).
     "nightly-enwik8_rlstm.yaml": ("--config", "enwik8_rlstm", "--what", "nightly", "--schedule", "0 3 * * *",
                                   *_GPU_SHAPE, "--train.max_steps", "20000"),
@@ -36,7 +39,11 @@ SHIPPED_MANIFESTS: dict[str, tuple[str, ...]] = {
 
 
 def generate(args: tuple[str, ...]) -> str:
-    """The manifest text `k8s-manifest` prints for ``args``."""
+    """The manifest text `k8s-manifest` prints for ``args`` (``sweep ...``: what `sweep --on kubernetes` writes)."""
+    if args and args[0] == "sweep":
+        from pipeline.sweep.command import render_sweep_manifest
+
+        return render_sweep_manifest(args[1:])
     from pipeline.k8s.commands import render_manifest
 
     return render_manifest(args)
@@ -64,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         stale.append(name)
         if not args.check:
             path.write_text(text)
-            print(f"wrote k8s/{name}: python -m pipeline.k8s k8s-manifest {shlex.join(manifest_args)}")
+            how = (f"python -m pipeline {shlex.join(manifest_args)} --on kubernetes" if manifest_args[0] == "sweep"
+                   else f"python -m pipeline.k8s k8s-manifest {shlex.join(manifest_args)}")
+            print(f"wrote k8s/{name}: {how}")
     if args.check and stale:
         print(f"out of date: {', '.join(stale)}; run python -m pipeline.k8s.shipped", file=sys.stderr)
         return 1

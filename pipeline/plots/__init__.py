@@ -29,7 +29,13 @@ One concern per module:
 * :mod:`~pipeline.plots.averaging_lengths` -- :class:`TwoTailedLengths` and
   :func:`plot_averaging_lengths` (thesis Fig. 3.4 style);
 * :mod:`~pipeline.plots.summary` -- :func:`plot_final_summary` (one run) and :func:`plot_comparison`
-  (runs side by side).
+  (runs side by side);
+* :mod:`~pipeline.plots.latents` -- :func:`plot_latent_means` (a sentence VAE's posterior means by
+  label, PCA and t-SNE side by side) and :func:`tsne_embedding`;
+* :mod:`~pipeline.plots.vae_curves` -- :func:`plot_vae_training_curves` (NLL, KL, latent usage and
+  the KL schedule of a VAE run; the metrics it reads are :data:`VAE_CURVES`);
+* :mod:`~pipeline.plots.pareto` -- :func:`plot_pareto` (NLL against mutual information, Pareto
+  frontiers per group) and :func:`write_frontier_csv`.
 """
 
 from pipeline.plots.averaging_lengths import (
@@ -39,16 +45,31 @@ from pipeline.plots.averaging_lengths import (
     plot_averaging_lengths_figure,
 )
 from pipeline.plots.common import History, Series, Unit, save_figure
+from pipeline.plots.latents import (
+    plot_latent_means,
+    plot_latent_means_figure,
+    tsne_embedding,
+)
 from pipeline.plots.learning_curves import (
     WARMUP_FRACTION,
     plot_learning_curves,
     plot_learning_curves_figure,
+)
+from pipeline.plots.pareto import (
+    plot_pareto,
+    plot_pareto_figure,
+    write_frontier_csv,
 )
 from pipeline.plots.summary import (
     plot_comparison,
     plot_comparison_figure,
     plot_final_summary,
     plot_final_summary_figure,
+)
+from pipeline.plots.vae_curves import (
+    VAE_CURVES,
+    plot_vae_training_curves,
+    plot_vae_training_curves_figure,
 )
 
 __all__ = [
@@ -63,8 +84,17 @@ __all__ = [
     "plot_comparison_figure",
     "plot_final_summary",
     "plot_final_summary_figure",
+    "plot_latent_means",
+    "plot_latent_means_figure",
     "plot_learning_curves",
     "plot_learning_curves_figure",
+    "plot_pareto",
+    "plot_pareto_figure",
+    "plot_vae_training_curves",
+    "plot_vae_training_curves_figure",
+    "VAE_CURVES",
     "WARMUP_FRACTION",
     "save_figure",
+    "tsne_embedding",
+    "write_frontier_csv",
 ]

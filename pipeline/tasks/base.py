@@ -20,7 +20,7 @@ The trainer calls a task in this order each optimizer step::
     task.accept_step()                      # the step was applied (the LM keeps its new state)
 
 and every ``train.eval_every`` steps ``task.validation_loss(model)`` (three times: raw, short and long
-weights) followed by ``task.after_evaluation(step)``.
+weights) followed by ``task.after_evaluation(step, model)`` on the reported weights.
 """
 
 from __future__ import annotations
@@ -98,8 +98,9 @@ class TrainingTask(Protocol):
         """(sum of losses, count) on this rank's validation shard: the trainer all-reduces both and 2TA
         compares ``sum / count`` (nats per token)."""
 
-    def after_evaluation(self, step: int) -> dict[str, float]:
-        """Called after each evaluation period; returns figures to log (e.g. the VAE's γ)."""
+    def after_evaluation(self, step: int, model: nn.Module) -> dict[str, float]:
+        """Called after each evaluation with the model holding the reported (2TA) weights; returns figures
+        to log (the VAE's KL, mutual information, active units and γ). Every rank calls it (it may all-reduce)."""
 
     # ---------------------------------------------------------------- resumable state
     def batches_state(self) -> dict[str, Any]:

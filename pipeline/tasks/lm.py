@@ -117,7 +117,7 @@ class LanguageModelTask:
             )
         return nll * count, float(count)
 
-    def after_evaluation(self, step: int) -> dict[str, float]:
+    def after_evaluation(self, step: int, model: nn.Module) -> dict[str, float]:
         return {}
 
     # ---------------------------------------------------------------- resumable state

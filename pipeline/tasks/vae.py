@@ -34,15 +34,18 @@ from models.vae.estimators import estimate
 from models.vae.remedies import KLSchedule
 from pipeline.config import ConfigError, PipelineConfig
 from pipeline.data import DatasetManifest
+from pipeline.data.prepare import load_vocab
 from pipeline.data.sentences import SentenceBatch, SentenceBatcher, SentenceCorpus, evaluation_batches
-from pipeline.distributed import DistContext
+from pipeline.distributed import DistContext, all_reduce_sum
 from pipeline.plots.latents import plot_latent_means
 from pipeline.tasks.base import MicroBatchLoss
-from pipeline.tasks.vae_evaluation import evaluate_vae, importance_sampled_log_likelihood
+from pipeline.tasks.vae_samples import write_samples_report
+from pipeline.tasks.vae_evaluation import VAEEvaluation, evaluate_vae, importance_sampled_log_likelihood
 
-LATENT_PLOT_FILE = "latent_means_by_label.png"
+LATENT_PLOT_FILE = "latent_map.png"
 _SEED_STRIDE = 1_000_000_007  # seed -> noise seed of step s: seed * stride + s
 _VALID_NOISE_OFFSET = _SEED_STRIDE - 1  # the validation noise's seed (no training step reaches it)
+_FINAL_SEED_OFFSET = {"valid": _SEED_STRIDE - 2, "test": _SEED_STRIDE - 3}  # the final evaluation's seeds
 
 __all__ = ["LATENT_PLOT_FILE", "SentenceVAETask", "posterior_means", "VAEFinalResult", "check_vae_evaluation_sizes", "evaluate_final_vae", "vae_model_config"]
 
@@ -168,22 +171,35 @@ class SentenceVAETask:
     def validation_loss(self, model: nn.Module) -> tuple[float, float]:
         """Importance-sampled NLL (eval mode, no gradients: see importance_sampled_log_likelihood)."""
         ev = self.vae_cfg.evaluate
-        if self._valid_noise is None:
-            # The same noise every evaluation, per sentence: the three weights 2TA compares (raw, short, long)
-            # see the same samples, and a sentence's samples do not depend on which rank scores it.
-            generator = torch.Generator().manual_seed(self.config.train.seed * _SEED_STRIDE + _VALID_NOISE_OFFSET)
-            self._valid_noise = model.latent.draw_noise(ev.training_samples, self._valid_sentences, generator)
+        valid_noise = self._validation_noise(model)
         nll, tokens = 0.0, 0.0
         for batch in self.valid_batches:
-            noise = self._valid_noise[:, batch.indices]
+            noise = valid_noise[:, batch.indices]
             log_px = importance_sampled_log_likelihood(model, batch, ev.training_samples, ev.chunk_size, noise)
             nll -= float(log_px.sum())
             tokens += float(batch.lengths.sum())
         return nll, tokens
 
-    def after_evaluation(self, step: int) -> dict[str, float]:
-        """Soft free bits: γ adapts once per evaluation period to the mean training KL of the period."""
-        figures: dict[str, float] = {}
+    def _validation_noise(self, model: nn.Module) -> torch.Tensor:
+        if self._valid_noise is None:
+            # The same noise every evaluation, per sentence: the three weights 2TA compares (raw, short, long)
+            # see the same samples, and a sentence's samples do not depend on which rank scores it.
+            generator = torch.Generator().manual_seed(self.config.train.seed * _SEED_STRIDE + _VALID_NOISE_OFFSET)
+            self._valid_noise = model.latent.draw_noise(self.vae_cfg.evaluate.training_samples, self._valid_sentences,
+                                                        generator)
+        return self._valid_noise
+
+    def after_evaluation(self, step: int, model: nn.Module) -> dict[str, float]:
+        """The curves over training, on the reported weights and the validation sentences 2TA scores (all
+        ranks' shards): KL per token, mutual information, active units (``vae/*``). Soft free bits: γ adapts
+        once per evaluation period to the mean training KL of the period."""
+        ev = self.vae_cfg.evaluate
+        evaluation = evaluate_vae(model, self.valid_batches, num_samples=ev.training_samples,
+                                  chunk_size=ev.chunk_size, noise=self._validation_noise(model))
+        sums = all_reduce_sum(self.ctx, evaluation.sums().tolist())
+        totals = VAEEvaluation.from_sums(torch.tensor(sums, dtype=torch.float64), num_samples=ev.training_samples)
+        figures = {f"vae/{k}": v for k, v in totals.metrics().items()
+                   if k in ("kl_per_token", "mutual_information", "active_units", "elbo_per_token")}
         if self._period_steps:
             kl = self._period_kl / self._period_steps
             figures["vae/period_kl"] = kl
@@ -240,15 +256,27 @@ def evaluate_final_vae(model: nn.Module, config: PipelineConfig, manifest: Datas
     corpora = {split: _corpus(config, split) for split in ("valid", "test")}
     for split, samples in (("valid", ev.valid_samples), ("test", ev.test_samples)):
         batches = evaluation_batches(corpora[split], ev.batch_size, max_sentences=ev.max_sentences)
-        evaluation = evaluate_vae(model, batches, num_samples=samples, chunk_size=ev.chunk_size)
+        # The latent samples from a seeded generator (the global one, forked): scoring the same model again,
+        # in this process or another, gives the same figures whatever ran before.
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed((config.train.seed * _SEED_STRIDE + _FINAL_SEED_OFFSET[split]) % 2**63)
+            evaluation = evaluate_vae(model, batches, num_samples=samples, chunk_size=ev.chunk_size)
         metrics = evaluation.metrics()
         setattr(result, split, {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))})
     valid = corpora["valid"]
-    if valid.labels is not None:  # a labelled corpus: where the sentences of each label land in latent space
+    if ev.latent_map_points:  # where the sentences land in latent space (by label, for a labelled corpus)
         path = config.run_dir / "plots" / LATENT_PLOT_FILE
         means, labels = posterior_means(model, evaluation_batches(valid, ev.batch_size, max_sentences=ev.max_sentences))
-        plot_latent_means(means, labels, path, title=f"{config.name}: validation posterior means by label")
+        what = "by label" if valid.labels is not None else "(unlabelled corpus)"
+        plot_latent_means(means, labels, path, title=f"{config.name}: validation posterior means {what}",
+                          seed=config.train.seed, max_points=ev.latent_map_points)
         result.artifacts.append(str(path))
+    if ev.report_sentences:  # what the latents do: samples, reconstructions, interpolations
+        paths = write_samples_report(
+            model, valid, load_vocab(config.data_dir), config.run_dir / "samples", num_prior=ev.report_sentences,
+            num_reconstructions=ev.report_sentences, seed=config.train.seed, max_length=config.vae.data.max_length or 50)
+        result.artifacts += [str(p) for p in paths]
     return result
 
 

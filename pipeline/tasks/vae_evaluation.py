@@ -265,13 +265,15 @@ class VAEEvaluation:
 
 @torch.no_grad()
 def evaluate_vae(model: nn.Module, batches: Iterable[SentenceBatch], *, num_samples: int, chunk_size: int,
-                 active_unit_threshold: float = 0.01) -> VAEEvaluation:
+                 active_unit_threshold: float = 0.01, noise: Tensor | None = None) -> VAEEvaluation:
     """Score every sentence of ``batches`` (one pass each, ``num_samples`` importance samples) in eval mode.
 
     Each batch is scored before the next is read. The mutual information estimates and the active units
     are described in the module docstring; the aggregate-posterior one mixes the posteriors of each
     batch, so it is capped by ``ln(batch size)`` and depends on the batching. The model's mode is restored.
-    Returns sums (see :class:`VAEEvaluation`); a shard with no sentences gives zero sums.
+    Returns sums (see :class:`VAEEvaluation`); a shard with no sentences gives zero sums. ``noise``: the
+    sampling noise of every sentence ``[K, N, ...]`` (``latent.draw_noise``), row ``batch.indices`` for a
+    batch, so that the figures neither depend on nor advance the global random state; None: drawn from it.
     """
     was_training = model.training
     model.eval()
@@ -282,7 +284,10 @@ def evaluate_vae(model: nn.Module, batches: Iterable[SentenceBatch], *, num_samp
         for batch in batches:
             if batch.lengths.numel() == 0:
                 continue
-            scores = score_sentences(model, batch, num_samples, chunk_size)
+            if noise is not None and batch.indices is None:
+                raise ValueError("evaluate_vae with noise needs batches with sentence indices (evaluation_batches)")
+            batch_noise = None if noise is None else noise[:, batch.indices]
+            scores = score_sentences(model, batch, num_samples, chunk_size, noise=batch_noise)
             assert scores.mutual_information_aggregate is not None
             sums["sentences"] += float(scores.log_likelihood.numel())
             sums["tokens"] += float(scores.num_tokens.sum())

@@ -11,6 +11,14 @@ The run tree (what the MLflow UI shows)::
     ├── evaluate                       final/* metrics, eval_results.json, plots/final_summary.png
     └── train (continued)              a later `train` with more steps: pipeline.continues=<train run id>
 
+A sweep (``python -m pipeline sweep``; later an Optuna study) adds one level above: a run tagged
+``pipeline.kind=sweep`` and ``pipeline.sweep_key``, whose nested runs are the pipeline runs of its points
+(``tracking.sweep_key``), each with its own stages as above; the sweep run holds the Pareto plot::
+
+    sweep <key>                        tags pipeline.kind=sweep, pipeline.sweep_key; params = the grid
+    ├── <config name> (point 1)        a pipeline run as above, mlflow.parentRunId = the sweep run
+    └── <config name> (point 2)
+
 One concern per module:
 
 * :mod:`~pipeline.tracking.tracker` -- :class:`Tracker`, the stages' API: a durable queue sent by a

@@ -71,6 +71,8 @@ class CallSender:
             self._training_plots(run_id, op.run, payload)
         elif op.kind == "summary_plot":
             self._summary_plot(run_id, payload)
+        elif op.kind == "pareto_plot":
+            self._pareto_plot(run_id, payload)
         else:
             raise PermanentError(f"unknown tracking call {op.kind!r}")
 
@@ -141,8 +143,9 @@ class CallSender:
         runs = [r.info.run_id for r in self.tree.stage_runs(self.tree.resolve(PARENT), stage)] if stage else [run_id]
         if run_id not in runs:
             runs.append(run_id)
+        vae = self.config.task == "vae"
         history: dict[str, list[tuple[int, float]]] = {}
-        for key in TRAINING_CURVES:
+        for key in (*TRAINING_CURVES, *(plots.VAE_CURVES if vae else ())):
             merged: dict[int, float] = {}
             for source in runs:
                 merged.update((m.step, m.value) for m in self.client.get_metric_history(source, key))
@@ -155,7 +158,33 @@ class CallSender:
             plots.plot_averaging_lengths(history, plot_dir / "averaging_lengths.png", title=title,
                                          method=self.config.train.averaging.method),
         ]
+        if vae:
+            objective = self.config.vae.objective
+            paths.append(plots.plot_vae_training_curves(history, plot_dir / "vae_training_curves.png", title=title,
+                                                        mi_weight=objective.mi_weight, alpha=objective.alpha))
         for target in (run_id, self.tree.resolve(PARENT)):
+            for path in paths:
+                self.client.log_artifact(target, str(path), PLOTS_DIR)
+
+    def _pareto_plot(self, run_id: str, payload: Mapping[str, Any]) -> None:
+        """This VAE run among its experiment's finished VAE runs: NLL vs MI with each group's frontier.
+
+        Sent after the run's final metrics (the queue keeps order), so the run is one of the points."""
+        from pipeline.compare.lookup import ComparisonError
+        from pipeline.pareto.command import write_pareto
+        from pipeline.pareto.runs import collect_points
+
+        parent = self.tree.resolve(PARENT)
+        try:
+            found = collect_points(self.client, self.tree.experiment_name, split=payload.get("split", "valid"))
+        except ComparisonError as err:
+            log.warning("no Pareto plot: %s", err)
+            return
+        if not found.points:
+            return
+        paths = write_pareto(found.points, Path(payload["plot_dir"]), "pareto", highlight=parent,
+                             title=f"{self.tree.experiment_name}: valid NLL vs mutual information")
+        for target in (run_id, parent):
             for path in paths:
                 self.client.log_artifact(target, str(path), PLOTS_DIR)
 

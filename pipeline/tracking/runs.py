@@ -30,7 +30,7 @@ from pipeline.config import PipelineConfig
 from pipeline.tracking.ops import PARENT
 from pipeline.tracking.tags import git_commit
 
-__all__ = ["RUN_ID_FILE", "RunTree", "default_tracking_uri"]
+__all__ = ["RUN_ID_FILE", "RunTree", "default_tracking_uri", "find_or_create_sweep_run", "sweep_run_name"]
 
 log = logging.getLogger("pipeline.tracking")
 
@@ -149,6 +149,13 @@ class RunTree:
         tags = {"pipeline.kind": "pipeline", "mlflow.runName": self.config.name, **self.common_tags()}
         if self.run_key:
             tags["pipeline.run_key"] = self.run_key
+        sweep_key = self.config.tracking.sweep_key
+        if sweep_key:
+            # A point of a sweep (a trial of a study): nested under the sweep's run, found by its key.
+            sweep_id = find_or_create_sweep_run(self.client, self.experiment(), sweep_key,
+                                                name=sweep_run_name(self.experiment_name, sweep_key),
+                                                tags=self.common_tags())
+            tags |= {"mlflow.parentRunId": sweep_id, "pipeline.sweep_key": sweep_key}
         run = self.client.create_run(self.experiment(), run_name=self.config.name, tags=tags)
         if not self.run_key:
             (self.run_dir / RUN_ID_FILE).write_text(run.info.run_id)
@@ -189,6 +196,33 @@ class RunTree:
         if commit:
             tags["mlflow.source.git.commit"] = commit
         return tags
+
+
+def sweep_run_name(experiment: str, key: str) -> str:
+    """The MLflow run name of a sweep: ``sweep <experiment> <key>``."""
+    return f"sweep {experiment} {key}"
+
+
+def find_or_create_sweep_run(client: Any, experiment_id: str, key: str, *, name: str,
+                             tags: dict[str, str] | None = None) -> str:
+    """The id of the sweep run tagged ``pipeline.sweep_key=<key>`` in ``experiment_id``, created if missing.
+
+    A sweep run (``pipeline.kind=sweep``) is the parent of the pipeline runs of one sweep or study; its
+    points may start in any order and on any machine (Kubernetes pods), so each looks it up by key. Two
+    that create it at once both settle on the oldest, and the younger duplicate is deleted.
+    """
+    where = f"tags.`pipeline.sweep_key` = '{key}' and tags.`pipeline.kind` = 'sweep'"
+    found = client.search_runs([experiment_id], filter_string=where, order_by=["attributes.start_time ASC"],
+                               max_results=1)
+    if found:
+        return found[0].info.run_id
+    created = client.create_run(experiment_id, run_name=name, tags={
+        **(tags or {}), "pipeline.kind": "sweep", "pipeline.sweep_key": key, "mlflow.runName": name}).info.run_id
+    oldest = client.search_runs([experiment_id], filter_string=where, order_by=["attributes.start_time ASC"],
+                                max_results=1)[0].info.run_id
+    if oldest != created:
+        client.delete_run(created)  # lost a race: an empty duplicate, never holding anyone's results
+    return oldest
 
 
 def _user() -> str:

@@ -245,6 +245,12 @@ class Tracker:
             payload = {"metrics": dict(final_metrics), "unit": unit, "plot_dir": str(self.run_dir / PLOTS_DIR)}
             self._enqueue("summary_plot", self._stage_run(), payload)
 
+    def log_pareto_plot(self) -> None:
+        """A sentence VAE's place among its experiment's VAE runs (NLL vs MI, each group's Pareto frontier),
+        with the points as CSV, into the current stage's run and the parent; call after the final metrics."""
+        if self.enabled and self.config.tracking.plots:
+            self._enqueue("pareto_plot", self._stage_run(), {"plot_dir": str(self.run_dir / PLOTS_DIR), "split": "valid"})
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued call was sent; False if ``timeout`` seconds passed first."""
         if not self.enabled:
