@@ -319,6 +319,25 @@ def test_failed_saves_leave_no_folder_and_stop_the_run_after_max_failed_saves(tm
     assert ckpt.save(40, _state(40), {}, {"step": 40}) is not None and ckpt.failed_saves == 0  # a success resets
 
 
+def test_a_stop_request_during_a_save_stops_the_job_instead_of_failing_the_save(tmp_path, monkeypatch):
+    """SIGTERM mid-save is a SystemExit inside DCP, which wraps it into a CheckpointException: it must not be
+    taken for a failed save (the job would train on after being told to stop)."""
+    import traceback
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    ckpt = DCPCheckpointer.open(str(tmp_path / "ckpt"), DistContext(), retry=RetryPolicy(attempts=3, base_delay=0.0))
+
+    def stopped(*args, **kwargs):
+        raise CheckpointException("save", {0: (SystemExit(143), traceback.StackSummary())})
+
+    monkeypatch.setattr(dcp, "save", stopped)
+    with pytest.raises(SystemExit) as exit_info:
+        ckpt.save(10, _state(10), {}, {"step": 10})
+    assert exit_info.value.code == 143 and ckpt.failed_saves == 0
+
+
 def test_the_final_save_must_succeed(tmp_path, monkeypatch):
     from pipeline.checkpoint import CheckpointSaveFailed
 

@@ -37,7 +37,13 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 
-from pipeline.checkpoint.errors import CheckpointError, CheckpointIntegrityError, CheckpointMismatch, describe_error
+from pipeline.checkpoint.errors import (
+    CheckpointError,
+    CheckpointIntegrityError,
+    CheckpointMismatch,
+    describe_error,
+    raise_if_interrupted,
+)
 from pipeline.checkpoint.integrity import DigestingStream, DigestLedger, FileDigest, digest_bytes, mismatch
 from pipeline.checkpoint.lease import CheckpointLease
 from pipeline.checkpoint.protocol import Checkpointer, Preference
@@ -209,6 +215,7 @@ class DCPCheckpointer(Checkpointer):
         try:
             return self._read(info, state)
         except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException
+            raise_if_interrupted(err)
             if isinstance(err, CheckpointError):
                 raise
             raise CheckpointError(f"cannot load checkpoint {self.storage.folder_url(info.name)}: "

@@ -29,6 +29,7 @@ __all__ = [
     "UnreadableCheckpoints",
     "describe_error",
     "is_transient",
+    "raise_if_interrupted",
     "root_causes",
 ]
 
@@ -142,6 +143,18 @@ def root_causes(err: BaseException) -> list[BaseException]:
         if causes:
             return causes
     return [err]
+
+
+def raise_if_interrupted(err: BaseException) -> None:
+    """Re-raise the ``SystemExit`` / ``KeyboardInterrupt`` behind ``err``, if any.
+
+    DCP wraps whatever a rank raised - a SIGTERM turned into ``SystemExit`` mid-save included - into a
+    ``CheckpointException``; taken for a failed save, the stop request would be swallowed and the job
+    would train on after being told to stop.
+    """
+    for cause in root_causes(err):
+        if isinstance(cause, (SystemExit, KeyboardInterrupt)):
+            raise cause
 
 
 def describe_error(err: BaseException) -> str:

@@ -39,6 +39,7 @@ from pipeline.checkpoint.errors import (
     UnreadableCheckpoints,
     describe_error,
     is_transient,
+    raise_if_interrupted,
 )
 from pipeline.checkpoint.integrity import FileDigest, digest_stream, merge_digests, mismatch
 from pipeline.checkpoint.lease import CheckpointLease
@@ -131,6 +132,7 @@ class Checkpointer:
         try:
             digests = write(name)
         except (Exception, CheckpointException) as caught:  # CheckpointException is a BaseException
+            raise_if_interrupted(caught)
             err = caught
         everyone = gather_objects(self.ctx, (_failure(err), dict(digests)))
         failures = [f for f, _ in everyone if f is not None]
@@ -254,6 +256,7 @@ class Checkpointer:
         except CheckpointMismatch:
             raise
         except (Exception, CheckpointException) as caught:  # CheckpointException is a BaseException
+            raise_if_interrupted(caught)
             err = caught
         return result, [f for f in gather_objects(self.ctx, _failure(err)) if f is not None]
 
