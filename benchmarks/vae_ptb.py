@@ -18,7 +18,7 @@ test set; here every group gets the shipped hyperparameters, ``--steps`` steps a
 samples on the first ``--max-sentences`` sentences of valid and test, so expect a large gap: the table
 measures how far a short run gets, not whether the thesis reproduces. With several λ the script also
 prints and saves each group's Pareto frontier (test MI vs test NLL, :mod:`pipeline.pareto.frontier`).
-Writes ``results.csv`` and ``frontier.json`` under ``--out``; use a fresh ``--out`` each time (an existing run
+Writes ``results.csv``, ``frontier.png`` and (several λ) ``frontier.json`` under ``--out``; use a fresh ``--out`` each time (an existing run
 folder resumes from its checkpoints and keeps its evaluation, so its wall time would mean nothing). Wall
 times on a shared machine swing with its load (2-4x seen on 2 cores): compare them within one invocation.
 """
@@ -174,6 +174,15 @@ def write_frontiers(rows: list[dict[str, Any]], path: Path) -> None:
     path.write_text(json.dumps(listed, indent=2, ensure_ascii=False))
 
 
+def write_plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Test NLL against test MI of every run, each group's frontier drawn (:mod:`pipeline.plots.pareto`)."""
+    from pipeline.plots.pareto import plot_pareto
+
+    points = [FrontierPoint(r["group"], r["test_mi"], r["test_nll"], label=f"{r['group']} λ={r['lambda']:g}")
+              for r in rows]
+    return plot_pareto(points, path, title="PTB sentence VAE (reduced budget): test NLL vs MI")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -211,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
         writer.writerows(rows)
     if len(args.lambdas) > 1:
         write_frontiers(rows, out / "frontier.json")
-    print(f"\nresults: {out / 'results.csv'}; run folders under {out}")
+    plot = write_plot(rows, out / "frontier.png")
+    print(f"\nresults: {out / 'results.csv'}, plot {plot}; run folders under {out}")
 
 
 if __name__ == "__main__":
