@@ -1,7 +1,8 @@
 """Running a sweep's points on this machine: one ``python -m pipeline run`` process per point.
 
 Each point's resolved config is written to ``<sweep dir>/point-<i>.yaml`` and run as its own process
-(its log in ``point-<i>.log``), at most ``parallel`` at a time; the dataset is prepared once before.
+(its log in ``point-<i>.log``), at most ``parallel`` at a time, each with ``cores / parallel`` torch
+threads (``OMP_NUM_THREADS``, unless set already); the dataset is prepared once before.
 Starting the same sweep again continues it: finished points have nothing to do (their ``run`` says
 so and logs nothing), interrupted ones resume from their last checkpoint.
 """
@@ -70,6 +71,9 @@ def run_points(configs: Sequence[PipelineConfig], directory: Path, *, parallel: 
     running: dict[int, tuple[subprocess.Popen, object]] = {}
     outcomes: dict[int, PointOutcome] = {}
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if parallel > 1 and "OMP_NUM_THREADS" not in env:
+        # Points side by side share the cores: each gets its share of torch's threads instead of all of them.
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
     try:
         while waiting or running:
             while waiting and len(running) < max(1, parallel):
