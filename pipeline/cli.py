@@ -17,11 +17,9 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from typing import Any
 
-import yaml
 
-from pipeline.cli_options import HELP_ALL, OptionParser, add_schema_options, schema_options
+from pipeline.cli_options import HELP_ALL, OptionParser, add_schema_options, schema_options, schema_overrides
 from pipeline.config import ConfigError, PipelineConfig, load_config, shipped_config_purposes
 from pipeline.errors import STORAGE_ERRNOS, PipelineError, WorkDirError, unwritable
 from pipeline.stages import run_stage
@@ -52,13 +50,6 @@ _HIDDEN_LOCALLY = ("cluster",)
 _OTHER_TASK_SECTION = {"lm": "vae", "vae": "model"}
 _LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 _VERBOSE_HELP = "show third-party logs and warnings and the pipeline's debug lines"
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
 
 
 def _add_common_options(parser: argparse.ArgumentParser, config_help: str) -> None:
@@ -109,14 +100,6 @@ def build_parser(task: str = "lm") -> argparse.ArgumentParser:
         if name != "configs" and "--verbose" not in command._option_string_actions:
             command.add_argument("--verbose", action="store_true", help=_VERBOSE_HELP)
     return parser
-
-
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        key.split(":", 1)[1]: _parse_value(value)
-        for key, value in vars(args).items()
-        if key.startswith("override:") and value is not None
-    }
 
 
 def flush_pending(config: PipelineConfig, timeout: float) -> int:
@@ -183,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is not None:
         return int(handler(args) or 0)
     try:
-        config = load_config(args.config, _overrides(args))
+        config = load_config(args.config, schema_overrides(args))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

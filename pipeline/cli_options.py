@@ -22,6 +22,7 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
 from pydantic import BaseModel
 
 from pipeline.config import PipelineConfig
@@ -33,7 +34,9 @@ __all__ = [
     "SchemaOption",
     "SchemaSection",
     "add_schema_options",
+    "parse_value",
     "schema_options",
+    "schema_overrides",
     "schema_sections",
 ]
 
@@ -76,6 +79,20 @@ class SchemaSection:
     def top(self) -> str:
         """The top-level section it belongs to (``"train"`` for ``"train.optimizer"``)."""
         return self.name.split(".", 1)[0]
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as a YAML scalar (``0.5``, ``null``, ``[1, 2]``); text that is not YAML as is."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def schema_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``--section.field VALUE`` options given (see :func:`add_schema_options`): ``{dotted: value}``."""
+    return {key[len(OVERRIDE_PREFIX):]: parse_value(value) for key, value in vars(args).items()
+            if key.startswith(OVERRIDE_PREFIX) and value is not None}
 
 
 def _is_section(annotation: Any) -> bool:

@@ -282,6 +282,10 @@ class PipelineConfig(StrictConfig):
         return {k: v for k, v in flatten_config(self).items()
                 if not any(k == u or k.startswith(u + ".") for u in unused)}
 
+    def mlflow_params(self) -> dict[str, str]:
+        """:meth:`tracked_params` as text, as MLflow stores them (None as ``null``)."""
+        return {k: "null" if v is None else str(v) for k, v in self.tracked_params().items()}
+
     def to_yaml(self) -> str:
         """The resolved config as YAML, without the fields its task does not use (they are at their defaults)."""
         tree = self.model_dump(mode="json")

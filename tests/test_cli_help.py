@@ -7,7 +7,7 @@ import pytest
 
 from pipeline import cli
 from pipeline.cli import build_parser, main
-from pipeline.cli_options import schema_sections
+from pipeline.cli_options import schema_overrides, schema_sections
 from pipeline.config import ConfigError, config_purpose, shipped_config_names, shipped_config_purposes
 
 STAGES = ("prepare", "train", "evaluate", "run")
@@ -72,7 +72,7 @@ def test_cluster_options_are_hidden_from_local_stages_but_accepted(capsys):
             " ".join(text.split()))
         assert "--help-all" in text
         args = build_parser().parse_args([stage, "--config", "demo", "--cluster.train.gpus", "4"])
-        assert cli._overrides(args) == {"cluster.train.gpus": 4}
+        assert schema_overrides(args) == {"cluster.train.gpus": 4}
 
 
 def test_help_all_shows_every_option_with_its_section_defaults(capsys):

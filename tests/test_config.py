@@ -79,9 +79,9 @@ def test_cli_options_are_generated_from_the_schema():
     args = build_parser().parse_args(
         ["train", "--config", "demo", "--train.optimizer.lr", "0.01", "--model.chrono_t_max", "null"]
     )
-    from pipeline.cli import _overrides
+    from pipeline.cli_options import schema_overrides
 
-    overrides = _overrides(args)
+    overrides = schema_overrides(args)
     assert overrides == {"train.optimizer.lr": 0.01, "model.chrono_t_max": None}
     config = load_config("demo", overrides)
     assert config.train.optimizer.lr == 0.01 and config.model.chrono_t_max is None

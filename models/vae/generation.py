@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from .decoder import MLPDecoder, RecurrentDecoder
-from .latents import CategoricalLatent
+from .latents import CategoricalLatent, VQLatent
 
 __all__ = [
     "Interpolation",
@@ -188,21 +188,10 @@ def _encode(model: nn.Module, batch: Sentences) -> Tensor:
         return model.encoder(batch.targets.to(device), batch.lengths.to(device))
 
 
-def _is_vq(latent: nn.Module) -> bool:
-    """A VQ latent (``models.vae.latents.VQLatent``): samples ``[z_q ; codes]``, codes read by ``codes_of``."""
-    return hasattr(latent, "codes_of") and hasattr(latent, "code_vectors")
-
-
-def _vq_latents(latent: nn.Module, codes: Tensor, dtype: torch.dtype) -> Tensor:
-    """VQ codes int64 [N, n] -> samples ``[z_q ; codes]`` [N, n e + n] (``VQLatent.sample``'s layout)."""
-    vectors = latent.code_vectors(codes.to(latent.codebook.device)).detach().flatten(-2)  # [N, n e]
-    return torch.cat((vectors, codes.to(vectors)), dim=-1).to(dtype)
-
-
 def _mode(model: nn.Module, params: Tensor) -> Tensor:
     if isinstance(model.latent, CategoricalLatent):
         return model.latent.log_probs(params).argmax(-1)  # [B, n]
-    if _is_vq(model.latent):
+    if isinstance(model.latent, VQLatent):
         return model.latent.sample(params, 1)[0].detach()  # the point mass [B, n e + n]
     return model.latent.posterior_mean(params)  # [B, D]
 
@@ -241,10 +230,10 @@ def prior_latents(model: nn.Module, n: int, generator: torch.Generator | None = 
     """``n`` latents from the prior, drawn on CPU from ``generator``: N(0, I) [n, D] (in the model's float
     dtype), uniform categories [n, num_latents] int64 or uniform VQ codes [n, n e + n]; on the model's device."""
     latent = model.latent
-    if isinstance(latent, CategoricalLatent) or _is_vq(latent):
+    if isinstance(latent, (CategoricalLatent, VQLatent)):
         z = torch.randint(latent.num_categories, (n, latent.num_latents), generator=generator)
-        if _is_vq(latent):
-            z = _vq_latents(latent, z, _float_dtype(model))
+        if isinstance(latent, VQLatent):
+            z = latent.samples_of(z).to(_float_dtype(model))
     else:
         z = torch.randn(n, latent.size, generator=generator).to(_float_dtype(model))
     return z.to(_device(model))
@@ -299,10 +288,10 @@ def interpolate_latents(model: nn.Module, z_a: Tensor, z_b: Tensor, steps: int) 
     """:func:`interpolate` for ``model``'s latents ``z_a``, ``z_b`` [...] -> [steps, ...]. VQ samples switch
     their codes one at a time (as categorical codes do), each step holding real code vectors."""
     latent = model.latent
-    if not _is_vq(latent):
+    if not isinstance(latent, VQLatent):
         return interpolate(z_a, z_b, steps)
     codes = interpolate(latent.codes_of(z_a), latent.codes_of(z_b), steps)  # [steps, n]
-    return _vq_latents(latent, codes, z_a.dtype).to(z_a.device)
+    return latent.samples_of(codes).to(device=z_a.device, dtype=z_a.dtype)
 
 
 def _interpolation(

@@ -358,6 +358,12 @@ class VQLatent(nn.Module):
         """[..., n, e] vectors and [..., n] codes -> [..., n*e + n]."""
         return torch.cat((vectors.flatten(-2), codes.to(vectors.dtype)), dim=-1)
 
+    def samples_of(self, codes: Tensor) -> Tensor:
+        """Samples ``[z_q ; codes]`` of given codes: int64 [..., n] -> [..., n*e + n] on the codebook's device
+        (no graph to the codebook: a prior sample or a chosen code, not a training sample)."""
+        codes = codes.to(self.codebook.device)
+        return self._pack(self.code_vectors(codes).detach(), codes)
+
     def codes_of(self, z: Tensor) -> Tensor:
         """The code indices stored in samples ``z`` [..., n*e + n] -> int64 [..., n]."""
         if z.shape[-1] != self.sample_size:
@@ -418,8 +424,7 @@ class VQLatent(nn.Module):
         """Uniform codes per latent, as samples ``[z_q ; codes]``: [K, B, n*e + n]."""
         device = self.codebook.device if device is None else device
         codes = torch.randint(self.num_categories, (num_samples, batch_size, self.num_latents), device=device)
-        vectors = self.code_vectors(codes.to(self.codebook.device)).detach().to(device)
-        z = self._pack(vectors, codes)
+        z = self.samples_of(codes).to(device)
         return z if dtype is None else z.to(dtype)
 
     # ------------------------------------------------------------------ training

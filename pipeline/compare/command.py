@@ -23,9 +23,11 @@ __all__ = [
     "DEFAULT_TRACKING_URI",
     "DEFAULT_WORK_ROOT",
     "default_output",
+    "add_store_options",
     "missing_sqlite_store",
     "register_commands",
     "resolve_tracking_uri",
+    "store_problem",
     "work_root",
 ]
 
@@ -53,6 +55,23 @@ def missing_sqlite_store(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI when it does not exist (reading must not create it)."""
     path = _sqlite_path(uri)
     return None if path is None or path.exists() else path
+
+
+def store_problem(uri: str) -> str | None:
+    """Why the runs cannot be read from ``uri`` before asking MLflow (a missing local store: reading must
+    not create an empty one), as the ``error:`` line to print; None when there is nothing to say."""
+    missing = missing_sqlite_store(uri)
+    if missing is None:
+        return None
+    return (f"no MLflow store at {missing} (tracking URI {uri}); run the pipeline first, or pass "
+            "--tracking-uri / set MLFLOW_TRACKING_URI to the store that holds the runs")
+
+
+def add_store_options(parser: argparse.ArgumentParser) -> None:
+    """``--tracking-uri`` and ``--log-level``: the options of every command that reads runs from MLflow."""
+    parser.add_argument("--tracking-uri", default=None,
+                        help=f"MLflow tracking URI; default $MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI}")
+    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
 def work_root(uri: str) -> Path:
@@ -95,25 +114,19 @@ def register_commands(subparsers: Any) -> None:
                        help="these runs, by id or any unique prefix of one (such as the 8 characters the table "
                        "shows); a stage run's id stands for its pipeline run")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="with --experiment: only the newest N runs")
-    p.add_argument("--tracking-uri", default=None,
-                   help=f"MLflow tracking URI; default $MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI}")
     p.add_argument("--output", type=Path, default=None,
                    help="where to write the plot (PNG); default <work root>/compare/compare-<what>-<time>.png, the "
                    "work root being the folder of a local SQLite store, else ./runs")
-    p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_store_options(p)
     p.set_defaults(handler=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
     """Run ``compare``: the table to stdout, the plot to ``args.output``; 0, or 2 after ``error: ...``."""
     uri = resolve_tracking_uri(args.tracking_uri)
-    missing = missing_sqlite_store(uri)
-    if missing is not None:
-        print(
-            f"error: no MLflow store at {missing} (tracking URI {uri}); run the pipeline first, or pass "
-            "--tracking-uri / set MLFLOW_TRACKING_URI to the store that holds the runs",
-            file=sys.stderr,
-        )
+    problem = store_problem(uri)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     if args.limit is not None and args.limit < 1:
         print("error: --limit must be at least 1", file=sys.stderr)

@@ -33,11 +33,21 @@ import torch
 from pipeline.data.datasets import EOS, UNK
 from pipeline.data.prepare import load_labels, load_tokens, load_vocab
 
-__all__ = ["SentenceBatch", "SentenceBatcher", "SentenceCorpus", "evaluation_batches"]
+__all__ = ["SentenceBatch", "SentenceBatcher", "SentenceCorpus", "bos_eos_ids", "evaluation_batches"]
 
 BOS = "<bos>"
 PAD_ID = 0
 BUCKET_BATCHES = 100  # sentences are sorted by length within chunks of this many batches
+
+
+def bos_eos_ids(vocab: Sequence[str]) -> tuple[int, int]:
+    """``(bos_id, eos_id)`` of a sentence corpus' vocabulary: ``<bos>`` is ``<eos>`` when it has no ``<bos>``.
+    Raises ValueError when it has no ``<eos>`` (not a sentence corpus)."""
+    vocab = list(vocab)
+    if EOS not in vocab:
+        raise ValueError(f"the vocabulary has no {EOS}: not a sentence corpus")
+    eos_id = vocab.index(EOS)
+    return (vocab.index(BOS) if BOS in vocab else eos_id), eos_id
 
 
 @dataclass
@@ -82,8 +92,7 @@ class SentenceCorpus:
                              "synthetic)")
         self.split = split
         self.vocab_size = len(vocab)
-        self.eos_id = vocab.index(EOS)
-        self.bos_id = vocab.index(BOS) if BOS in vocab else self.eos_id
+        self.bos_id, self.eos_id = bos_eos_ids(vocab)
         self.unk_id: int | None = vocab.index(UNK) if UNK in vocab else None
         self.pad_id = PAD_ID
         self.include_eos = include_eos

@@ -23,8 +23,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import yaml
 
+from pipeline.cli_options import schema_overrides
 from pipeline.config import ClusterConfig, ConfigError, PipelineConfig, load_config, set_dotted
 
 __all__ = ["build_parser", "main", "manifest_text", "preflight", "register_commands", "render_manifest"]
@@ -47,19 +47,8 @@ def _add_config_options(parser: argparse.ArgumentParser, *, required: bool = Tru
     add_schema_options(parser)  # grouped by section; the cluster options matter most here, none hidden
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in vars(args).items():
-        if key.startswith("override:") and value is not None:
-            try:
-                out[key.split(":", 1)[1]] = yaml.safe_load(value)
-            except yaml.YAMLError:
-                out[key.split(":", 1)[1]] = value
-    return out
-
-
 def _load(args: argparse.Namespace) -> PipelineConfig:
-    return load_config(args.config, _overrides(args))
+    return load_config(args.config, schema_overrides(args))
 
 
 def _config_error(err: ConfigError | ValueError) -> int:
@@ -176,7 +165,7 @@ def _command_line(args: argparse.Namespace) -> str:
 
 
 def _manifest_from_args(args: argparse.Namespace) -> str:
-    overrides = _overrides(args)
+    overrides = schema_overrides(args)
     config = load_config(args.config, overrides) if args.config else None
     cluster = config.cluster if config is not None else _cluster_only(overrides)
     return manifest_text(args.what, config, cluster, schedule=args.schedule, command=_command_line(args))

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.compare.command import DEFAULT_TRACKING_URI, missing_sqlite_store, resolve_tracking_uri, work_root
+from pipeline.compare.command import add_store_options, resolve_tracking_uri, store_problem, work_root
 from pipeline.compare.lookup import ComparisonError
 from pipeline.pareto.frontier import FrontierPoint, group_frontiers
 
@@ -56,21 +56,18 @@ def register_commands(subparsers: Any) -> None:
     p.add_argument("--experiment", required=True, metavar="NAME", help="the MLflow experiment (a config's name by default)")
     p.add_argument("--sweep", default=None, metavar="KEY", help="only the runs of this sweep (its pipeline.sweep_key)")
     p.add_argument("--split", choices=("valid", "test"), default="valid", help="which final metrics [default valid]")
-    p.add_argument("--tracking-uri", default=None,
-                   help=f"MLflow tracking URI; default $MLFLOW_TRACKING_URI, else {DEFAULT_TRACKING_URI}")
     p.add_argument("--output-dir", type=Path, default=None,
                    help="where the PNG and CSV go; default <work root>/pareto (the folder of a local SQLite store, "
                    "else ./runs)")
-    p.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_store_options(p)
     p.set_defaults(handler=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
     uri = resolve_tracking_uri(args.tracking_uri)
-    missing = missing_sqlite_store(uri)
-    if missing is not None:
-        print(f"error: no MLflow store at {missing} (tracking URI {uri}); run the pipeline first, or pass "
-              "--tracking-uri / set MLFLOW_TRACKING_URI to the store that holds the runs", file=sys.stderr)
+    problem = store_problem(uri)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient

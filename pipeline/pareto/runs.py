@@ -9,7 +9,7 @@ of samples and the objective (``DReG 16 / KL``); λ, α and the perplexity trave
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
 
-__all__ = ["ESTIMATOR_NAMES", "ParetoRuns", "collect_points", "group_name", "run_point"]
+__all__ = ["ESTIMATOR_NAMES", "ParetoRuns", "collect_points", "frontier_point", "group_name", "run_point"]
 
 Split = Literal["valid", "test"]
 
@@ -44,24 +44,33 @@ def group_name(params: dict[str, str]) -> str:
     return f"{ESTIMATOR_NAMES.get(estimator, estimator)} {samples} / {_OBJECTIVE_NAMES.get(kind, kind)}"
 
 
-def run_point(run: Run, split: Split = "valid") -> FrontierPoint | None:
-    """The point of one pipeline run, or None when it has no final NLL and MI (not evaluated yet)."""
-    metrics, params = run.data.metrics, run.data.params
-    nll = metrics.get(f"final/{split}_nll")
-    mi = metrics.get(f"final/{split}_mutual_information")
+def frontier_point(metrics: Mapping[str, float], params: Mapping[str, str], *, split: Split, label: str,
+                   extra: Mapping[str, float | str]) -> FrontierPoint | None:
+    """The point of one run from its final metrics (``<split>_nll``, ``<split>_mutual_information``, ...)
+    and its config params as MLflow stores them; None when it has no finite NLL and MI (not evaluated yet).
+    ``extra`` starts the point's extra columns; λ, α, the latent type, ppl, KL and active units follow."""
+    nll = metrics.get(f"{split}_nll")
+    mi = metrics.get(f"{split}_mutual_information")
     if nll is None or mi is None or not (math.isfinite(nll) and math.isfinite(mi)):
         return None
-    name = run.data.tags.get("mlflow.runName") or run.info.run_name or ""
-    extra: dict[str, float | str] = {"run_id": run.info.run_id, "run_name": name}
+    columns: dict[str, float | str] = dict(extra)
     for key, param in _EXTRA_PARAMS.items():
         if param in params:
-            extra[key] = params[param]
+            columns[key] = params[param]
     for metric in ("ppl", "kl_per_token", "active_units"):
-        value = metrics.get(f"final/{split}_{metric}")
+        value = metrics.get(f"{split}_{metric}")
         if value is not None:
-            extra[metric] = value
-    return FrontierPoint(group=group_name(params), mutual_information=float(mi), nll=float(nll),
-                         label=run.info.run_id, extra=extra)
+            columns[metric] = value
+    return FrontierPoint(group=group_name(params), mutual_information=float(mi), nll=float(nll), label=label,
+                         extra=columns)
+
+
+def run_point(run: Run, split: Split = "valid") -> FrontierPoint | None:
+    """The point of one pipeline run from MLflow (its ``final/*`` metrics), or None when not evaluated yet."""
+    finals = {k[len("final/"):]: v for k, v in run.data.metrics.items() if k.startswith("final/")}
+    name = run.data.tags.get("mlflow.runName") or run.info.run_name or ""
+    return frontier_point(finals, run.data.params, split=split, label=run.info.run_id,
+                          extra={"run_id": run.info.run_id, "run_name": name})
 
 
 @dataclass

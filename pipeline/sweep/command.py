@@ -18,8 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from pipeline.cli_options import schema_overrides
 from pipeline.config import ConfigError, PipelineConfig, load_config
 from pipeline.sweep.grid import SweepAxis, expand_grid, parse_axis, point_config, sweep_dir, sweep_key
 
@@ -59,17 +58,6 @@ def register_commands(subparsers: Any) -> None:
     p.set_defaults(handler=_main)
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in vars(args).items():
-        if key.startswith("override:") and value is not None:
-            try:
-                out[key.split(":", 1)[1]] = yaml.safe_load(value)
-            except yaml.YAMLError:
-                out[key.split(":", 1)[1]] = value
-    return out
-
-
 def _axes(args: argparse.Namespace) -> list[SweepAxis]:
     axes = []
     if args.lambdas:
@@ -95,7 +83,7 @@ def _main(args: argparse.Namespace) -> int:
         print("error: --manifest writes a Kubernetes manifest; add --on kubernetes", file=sys.stderr)
         return 2
     try:
-        base = load_config(args.config, _overrides(args))
+        base = load_config(args.config, schema_overrides(args))
         axes = _axes(args)
         points = expand_grid(axes)
         key = sweep_key(base, axes)
@@ -112,7 +100,7 @@ def _main(args: argparse.Namespace) -> int:
         return 0
     if args.on == "kubernetes":
         return _kubernetes(args, base, configs, key, experiment)
-    return _local(args, base, configs, key, experiment, uri)
+    return _local(args, base, configs, axes, key, experiment, uri)
 
 
 def sweep_objects(base: PipelineConfig, configs: list[PipelineConfig], key: str) -> list[dict[str, Any]]:
@@ -135,7 +123,7 @@ def render_sweep_manifest(argv: list[str] | tuple[str, ...]) -> str:
     parser = argparse.ArgumentParser(prog="python -m pipeline")
     register_commands(parser.add_subparsers(dest="stage"))
     args = parser.parse_args(["sweep", *argv])
-    base = load_config(args.config, _overrides(args))
+    base = load_config(args.config, schema_overrides(args))
     axes = _axes(args)
     key = sweep_key(base, axes)
     configs = [point_config(base, point, key) for point in expand_grid(axes)]
@@ -199,16 +187,16 @@ def _open_sweep_run(uri: str, experiment: str, key: str, base: PipelineConfig, a
         return None, None
 
 
-def _local(args: argparse.Namespace, base: PipelineConfig, configs: list[PipelineConfig], key: str, experiment: str,
-           uri: str | None) -> int:
+def _local(args: argparse.Namespace, base: PipelineConfig, configs: list[PipelineConfig], axes: list[SweepAxis],
+           key: str, experiment: str, uri: str | None) -> int:
     from pipeline.pareto.command import format_frontiers, write_pareto
     from pipeline.prepare_stage import run_prepare_outcome
     from pipeline.sweep.local import local_points, run_points
 
     directory = sweep_dir(base, key)
+    point_params = [config.tracked_params() for config in configs]
     axes_params = {"sweep.config": base.name, "sweep.points": str(len(configs)),
-                   "sweep.grid": json.dumps({k: [c.tracked_params().get(k) for c in configs]
-                                             for k in _swept_fields(args)})}
+                   "sweep.grid": json.dumps({a.field: [params.get(a.field) for params in point_params] for a in axes})}
     client, run_id = _open_sweep_run(uri, experiment, key, base, axes_params) if uri else (None, None)
     run_prepare_outcome(configs[0])  # once, before the points (which would otherwise race to build it)
     outcomes = run_points(configs, directory, parallel=args.parallel)
@@ -237,6 +225,3 @@ def _local(args: argparse.Namespace, base: PipelineConfig, configs: list[Pipelin
         return 1
     return 0
 
-
-def _swept_fields(args: argparse.Namespace) -> list[str]:
-    return [axis.field for axis in _axes(args)]

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from pipeline.cli_options import parse_value
 from pipeline.config import ConfigError, PipelineConfig, set_dotted, validate_config
 
 __all__ = ["SHORTHANDS", "SweepAxis", "SweepPoint", "expand_grid", "parse_axis", "point_config", "sweep_dir", "sweep_key"]
@@ -58,13 +57,6 @@ class SweepPoint:
         return ", ".join(f"{k}={v}" for k, v in self.overrides.items())
 
 
-def _parse_value(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
 def parse_axis(text: str) -> SweepAxis:
     """``"vae.objective.mi_weight=0,0.25,0.5"`` (or ``lambda=...``) -> :class:`SweepAxis`; values are YAML
     scalars. Raises :class:`~pipeline.config.ConfigError` naming the expected form."""
@@ -74,7 +66,7 @@ def parse_axis(text: str) -> SweepAxis:
     if not field or not items or any(not v for v in items):
         raise ConfigError(f"grid axis {text!r} is not FIELD=V1,V2,...; e.g. vae.objective.mi_weight=0,0.25,0.5 "
                           "(or lambda=0,0.5 / alpha=0.9,1.1)")
-    return SweepAxis(field, tuple(_parse_value(v) for v in items))
+    return SweepAxis(field, tuple(parse_value(v) for v in items))
 
 
 def expand_grid(axes: Sequence[SweepAxis]) -> list[SweepPoint]:

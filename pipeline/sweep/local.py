@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from pipeline.config import PipelineConfig
 from pipeline.pareto.frontier import FrontierPoint
-from pipeline.pareto.runs import group_name
+from pipeline.pareto.runs import frontier_point
 
 __all__ = ["PointOutcome", "local_points", "run_points"]
 
@@ -114,17 +113,9 @@ def local_points(configs: Sequence[PipelineConfig], outcomes: Sequence[PointOutc
     """The Pareto points of the evaluated points, from their ``eval_results.json`` (no MLflow needed)."""
     points = []
     for outcome in outcomes:
-        nll = outcome.metrics.get(f"{split}_nll")
-        mi = outcome.metrics.get(f"{split}_mutual_information")
-        if nll is None or mi is None or not (math.isfinite(nll) and math.isfinite(mi)):
-            continue
         config = configs[outcome.index]
-        params = {k: str(v) for k, v in config.tracked_params().items()}
-        extra: dict[str, float | str] = {"run_name": config.name, "lambda": config.vae.objective.mi_weight}
-        if config.vae.objective.alpha is not None:
-            extra["alpha"] = config.vae.objective.alpha
-        for metric in ("ppl", "kl_per_token", "active_units"):
-            if f"{split}_{metric}" in outcome.metrics:
-                extra[metric] = outcome.metrics[f"{split}_{metric}"]
-        points.append(FrontierPoint(group_name(params), mi, nll, label=config.name, extra=extra))
+        point = frontier_point(outcome.metrics, config.mlflow_params(), split=split, label=config.name,
+                               extra={"run_name": config.name})
+        if point is not None:
+            points.append(point)
     return points

@@ -47,6 +47,11 @@ _SEED_STRIDE = 1_000_000_007  # seed -> noise seed of step s: seed * stride + s
 _VALID_NOISE_OFFSET = _SEED_STRIDE - 1  # the validation noise's seed (no training step reaches it)
 _FINAL_SEED_OFFSET = {"valid": _SEED_STRIDE - 2, "test": _SEED_STRIDE - 3}  # the final evaluation's seeds
 
+
+def _noise_seed(seed: int, offset: int) -> int:
+    """The seed of one stream of latent noise: training step ``offset``, or one of the evaluations' offsets."""
+    return (seed * _SEED_STRIDE + offset) % 2**63
+
 __all__ = ["LATENT_PLOT_FILE", "SentenceVAETask", "posterior_means", "VAEFinalResult", "check_vae_evaluation_sizes", "evaluate_final_vae", "vae_model_config"]
 
 
@@ -139,7 +144,7 @@ class SentenceVAETask:
         self._step_kl = []
         # The latent noise of the whole global batch, from (seed, step): a sentence gets the same latent
         # samples whichever rank scores it, so a DDP run samples what a single process would.
-        generator = torch.Generator().manual_seed((self.config.train.seed * _SEED_STRIDE + self._step) % 2**63)
+        generator = torch.Generator().manual_seed(_noise_seed(self.config.train.seed, self._step))
         self._noise = model.latent.draw_noise(self._samples, self.config.train.batch_size, generator)
         self._rows_before = self.ctx.rank * micro_batches * micro_batch  # this rank's first global row
 
@@ -184,7 +189,7 @@ class SentenceVAETask:
         if self._valid_noise is None:
             # The same noise every evaluation, per sentence: the three weights 2TA compares (raw, short, long)
             # see the same samples, and a sentence's samples do not depend on which rank scores it.
-            generator = torch.Generator().manual_seed(self.config.train.seed * _SEED_STRIDE + _VALID_NOISE_OFFSET)
+            generator = torch.Generator().manual_seed(_noise_seed(self.config.train.seed, _VALID_NOISE_OFFSET))
             self._valid_noise = model.latent.draw_noise(self.vae_cfg.evaluate.training_samples, self._valid_sentences,
                                                         generator)
         return self._valid_noise
@@ -260,7 +265,7 @@ def evaluate_final_vae(model: nn.Module, config: PipelineConfig, manifest: Datas
         # in this process or another, gives the same figures whatever ran before.
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed((config.train.seed * _SEED_STRIDE + _FINAL_SEED_OFFSET[split]) % 2**63)
+            torch.manual_seed(_noise_seed(config.train.seed, _FINAL_SEED_OFFSET[split]))
             evaluation = evaluate_vae(model, batches, num_samples=samples, chunk_size=ev.chunk_size)
         metrics = evaluation.metrics()
         setattr(result, split, {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))})

@@ -33,7 +33,7 @@ from models.vae.generation import (
     reconstruct,
 )
 from pipeline.data.datasets import EOS
-from pipeline.data.sentences import BOS, SentenceBatch, SentenceCorpus
+from pipeline.data.sentences import BOS, SentenceBatch, SentenceCorpus, bos_eos_ids
 
 __all__ = ["SAMPLES_HTML", "SAMPLES_TEXT", "SamplesReport", "build_samples_report", "ids_to_text", "render_html",
            "render_text", "write_samples_report"]
@@ -63,14 +63,6 @@ def ids_to_text(ids: Iterable[int], vocabulary: Sequence[str]) -> str:
         if word not in _DROPPED:
             words.append(word)
     return " ".join(words)
-
-
-def _special_ids(vocabulary: Sequence[str]) -> tuple[int, int]:
-    """``(bos_id, eos_id)`` as :class:`SentenceCorpus` picks them (``<bos>`` is ``<eos>`` without one)."""
-    if EOS not in vocabulary:
-        raise ValueError(f"the vocabulary has no {EOS}: not a sentence corpus")
-    eos_id = list(vocabulary).index(EOS)
-    return (list(vocabulary).index(BOS) if BOS in vocabulary else eos_id), eos_id
 
 
 def _first_sentences(source: SentenceCorpus | Iterable[SentenceBatch], n: int, bos_id: int) -> SentenceBatch:
@@ -150,7 +142,7 @@ def build_samples_report(
     max_length: int = 50, temperature: float = 1.0,
 ) -> SamplesReport:
     """The report's tables (see the module docstring); :func:`write_samples_report` renders them."""
-    bos_id, eos_id = _special_ids(vocabulary)
+    bos_id, eos_id = bos_eos_ids(vocabulary)
     gen = _Generation(model, vocabulary, torch.Generator().manual_seed(seed), max_length, bos_id, eos_id,
                       temperature)
     tables = [_prior_table(gen, num_prior)] if num_prior > 0 else []

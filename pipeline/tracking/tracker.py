@@ -142,7 +142,7 @@ class Tracker:
         if tentative:
             self._gate = TrackingOp(_GATE, self._stage_run(), {"stage": stage, "id": uuid.uuid4().hex, "state": "open"})
             self._enqueue_op(self._gate)
-        params = {k: "null" if v is None else str(v) for k, v in self.config.tracked_params().items()}
+        params = self.config.mlflow_params()
         for run in (PARENT, self._stage_run()):
             self._enqueue("set_status", run, {"status": "RUNNING"})
             self._enqueue("log_params", run, {"params": params})
