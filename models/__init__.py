@@ -1,11 +1,18 @@
-"""Recurrent language models (LSTM / RLSTM / GRU / Elman cells, Mogrifier, residual LM, multi-sample objective)
+"""Recurrent language models (LSTM / RLSTM / GRU / Elman cells, Mogrifier, residual LM, multi-sample objective,
+AWD-LSTM regularisers)
 and, in :mod:`models.vae`, sentence VAEs (latents, encoders, decoders, estimators, objectives, remedies)."""
 
 from .cells import ElmanCell, GRUCell, LSTMCell, RLSTMCell
 from .config import ModelConfig
-from .lm import LMState, RecurrentLM, count_parameters, detach_state
+from .lm import LMState, RecurrentLM, RNNOutputs, count_parameters, detach_state
 from .mogrifier import Mogrifier, RecurrentLayer
-from .objectives import multi_sample_loss, multi_sample_nll
+from .objectives import LMObjective, multi_sample_loss, multi_sample_nll, multi_sample_objective
+from .regularizers import (
+    activation_regularization,
+    drop_connect,
+    embedding_dropout,
+    temporal_activation_regularization,
+)
 
 __all__ = [
     "ModelConfig",
@@ -21,4 +28,11 @@ __all__ = [
     "RecurrentLayer",
     "multi_sample_nll",
     "multi_sample_loss",
+    "multi_sample_objective",
+    "LMObjective",
+    "RNNOutputs",
+    "activation_regularization",
+    "temporal_activation_regularization",
+    "drop_connect",
+    "embedding_dropout",
 ]

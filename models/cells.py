@@ -14,6 +14,12 @@ Conventions shared by all cells
   time steps with :meth:`input_projection` (one big matmul) and then calls the
   step function returned by :meth:`make_step` once per time step;
   ``forward`` is exactly ``make_step()(input_projection(x), h, c, state_mask)``.
+* Weight drop (DropConnect, AWD-LSTM): ``make_step(weight_drop=p)`` binds a dropped copy of the
+  recurrent (hidden-to-hidden) matrix ``weight_hh`` (:func:`models.regularizers.drop_connect`, one
+  mask per call, only in training mode), so every step of the returned function uses the same
+  dropped matrix. ``weight_hh`` is the only recurrent matrix of every cell (``RECURRENT_WEIGHTS``):
+  the RLSTM's ``weight_fu`` and ``weight_oc`` act within a time step (on ``i ⊙ j`` and on the new
+  ``c``), and the input weights ``weight_ih`` are not recurrent; none of them is dropped.
 
 * The GRU and the Elman RNN have a single state vector. So that every layer and
   model keeps carrying ``(h, c)`` pairs (``LMState``, ``RecurrentLayer``), they
@@ -37,6 +43,8 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
+
+from .regularizers import drop_connect
 
 __all__ = ["ElmanCell", "GRUCell", "LSTMCell", "RLSTMCell", "init_forget_bias"]
 
@@ -91,6 +99,7 @@ class LSTMCell(nn.Module):
     """
 
     GATE_ORDER = ("i", "f", "o", "j")
+    RECURRENT_WEIGHTS = ("weight_hh",)  # the hidden-to-hidden matrices (weight drop)
 
     def __init__(
         self,
@@ -124,9 +133,10 @@ class LSTMCell(nn.Module):
         """``W_x x + b`` for all four gates: [..., m] -> [..., 4n]."""
         return _project(x, self.weight_ih, self.bias)
 
-    def make_step(self) -> StepFn:
-        """Step function ``(xproj [B,4n], h, c, state_mask) -> (h, c)`` with weights bound."""
-        w_hh_t = self.weight_hh.t()
+    def make_step(self, weight_drop: float = 0.0) -> StepFn:
+        """Step function ``(xproj [B,4n], h, c, state_mask) -> (h, c)`` with weights bound (``weight_hh``
+        weight-dropped with rate ``weight_drop`` in training mode, one mask for every step)."""
+        w_hh_t = drop_connect(self.weight_hh, weight_drop, self.training).t()
         n = self.hidden_size
         capped = self.capped_input_gate
         split_sizes = (3 * n, n)
@@ -168,6 +178,9 @@ class RLSTMCell(nn.Module):
     ``weight_oc`` [n, n], ``bias_o`` [n].
     """
 
+    # The hidden-to-hidden matrices (weight drop); weight_fu and weight_oc act within a time step.
+    RECURRENT_WEIGHTS = ("weight_hh",)
+
     def __init__(
         self,
         input_size: int,
@@ -201,10 +214,11 @@ class RLSTMCell(nn.Module):
         """``[W_ix x, W_jx x]`` (no bias; biases are added in the step): [..., m] -> [..., 2n]."""
         return _project(x, self.weight_ih, None)
 
-    def make_step(self) -> StepFn:
-        """Step function ``(xproj [B,2n], h, c, state_mask) -> (h, c)`` with weights bound."""
+    def make_step(self, weight_drop: float = 0.0) -> StepFn:
+        """Step function ``(xproj [B,2n], h, c, state_mask) -> (h, c)`` with weights bound (``weight_hh``
+        weight-dropped with rate ``weight_drop`` in training mode, one mask for every step)."""
         n = self.hidden_size
-        w_hh_t = self.weight_hh.t()
+        w_hh_t = drop_connect(self.weight_hh, weight_drop, self.training).t()
         w_fu_t = self.weight_fu.t()
         w_oc_t = self.weight_oc.t()
         bias = self.bias
@@ -248,6 +262,7 @@ class GRUCell(nn.Module):
     """
 
     GATE_ORDER = ("r", "u", "n")
+    RECURRENT_WEIGHTS = ("weight_hh",)  # the hidden-to-hidden matrices (weight drop)
 
     def __init__(
         self,
@@ -284,10 +299,11 @@ class GRUCell(nn.Module):
         """``W_i x + b_i`` for r, u, n: [..., m] -> [..., 3n]."""
         return _project(x, self.weight_ih, self.bias_ih)
 
-    def make_step(self) -> StepFn:
-        """Step function ``(xproj [B,3n], h, c, state_mask) -> (h', h')`` with weights bound."""
+    def make_step(self, weight_drop: float = 0.0) -> StepFn:
+        """Step function ``(xproj [B,3n], h, c, state_mask) -> (h', h')`` with weights bound (``weight_hh``
+        weight-dropped with rate ``weight_drop`` in training mode, one mask for every step)."""
         n = self.hidden_size
-        w_hh_t = self.weight_hh.t()
+        w_hh_t = drop_connect(self.weight_hh, weight_drop, self.training).t()
         bias_hh = self.bias_hh
         split_sizes = (2 * n, n)
 
@@ -317,6 +333,8 @@ class ElmanCell(nn.Module):
     Parameters: ``weight_ih`` [n, m], ``weight_hh`` [n, n], ``bias_ih`` [n], ``bias_hh`` [n].
     """
 
+    RECURRENT_WEIGHTS = ("weight_hh",)  # the hidden-to-hidden matrix (weight drop)
+
     def __init__(self, input_size: int, hidden_size: int) -> None:
         super().__init__()
         _check_sizes(input_size, hidden_size)
@@ -336,9 +354,10 @@ class ElmanCell(nn.Module):
         """``W_ih x + b_ih + b_hh``: [..., m] -> [..., n] (both biases folded in here)."""
         return _project(x, self.weight_ih, self.bias_ih + self.bias_hh)
 
-    def make_step(self) -> StepFn:
-        """Step function ``(xproj [B,n], h, c, state_mask) -> (h', h')`` with weights bound."""
-        w_hh_t = self.weight_hh.t()
+    def make_step(self, weight_drop: float = 0.0) -> StepFn:
+        """Step function ``(xproj [B,n], h, c, state_mask) -> (h', h')`` with weights bound (``weight_hh``
+        weight-dropped with rate ``weight_drop`` in training mode, one mask for every step)."""
+        w_hh_t = drop_connect(self.weight_hh, weight_drop, self.training).t()
 
         def step(xproj: Tensor, h: Tensor, c: Tensor, state_mask: Tensor | None = None):
             h_new = torch.addmm(xproj, h, w_hh_t).tanh()

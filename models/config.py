@@ -13,7 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 __all__ = ["ModelConfig", "StrictConfig", "check_dropout", "check_positive", "check_rounds", "check_vocab_size", "required_vocab_size"]
 
-_DROPOUT_FIELDS = ("input_dropout", "state_dropout", "cell_output_dropout", "output_dropout")
+# Every dropout-like rate of the LM: the fields named ``*_dropout`` and ``weight_drop`` (Monte Carlo dropout
+# evaluation scales exactly these by name).
+_DROPOUT_FIELDS = (
+    "input_dropout", "state_dropout", "cell_output_dropout", "output_dropout", "embedding_dropout", "weight_drop",
+)
 
 
 class StrictConfig(BaseModel):
@@ -70,7 +74,14 @@ class ModelConfig(StrictConfig):
     vocab_size: int | None = Field(
         default=None, description="Vocabulary size (embedding and softmax rows); null = from the dataset manifest."
     )
-    hidden_size: int = Field(default=256, description="Hidden size n of every layer; also the embedding size.")
+    hidden_size: int = Field(
+        default=256, description="Hidden size n of every layer; also the embedding size unless embedding_size is set."
+    )
+    embedding_size: int | None = Field(
+        default=None,
+        description="Embedding size e (AWD-LSTM: 400); null = hidden_size. When it differs from hidden_size, layer 1 "
+        "reads e-dim embeddings and a linear projection maps the summed layer output to e before the softmax.",
+    )
     num_layers: int = Field(default=2, description="Recurrent layers L; each reads the sum of the lower layers' outputs.")
     mogrifier_rounds: int = Field(
         default=0, description="Mogrifier rounds gating input and state before each cell (eq. 2.2); 0 = none."
@@ -92,6 +103,16 @@ class ModelConfig(StrictConfig):
         default=0.0, description="Dropout rate of each layer's output, before the residual and output sums."
     )
     output_dropout: float = Field(default=0.0, description="Dropout rate of the summed layer outputs, before the softmax.")
+    embedding_dropout: float = Field(
+        default=0.0,
+        description="AWD-LSTM embedding dropout: drop whole words (embedding rows) with this rate, one mask per "
+        "forward call shared by all occurrences, kept rows x 1/(1-p); in [0, 1).",
+    )
+    weight_drop: float = Field(
+        default=0.0,
+        description="AWD-LSTM weight drop (DropConnect) rate of the recurrent hidden-to-hidden matrices, one mask per "
+        "layer per forward call (all time steps); in [0, 1). The Mogrifier matrices are not dropped.",
+    )
     chrono_t_max: float | None = Field(
         default=None,
         description="Chrono init of the forget bias (gru: update gate), ln U(1, T_max - 1), T_max > 2; null = "
@@ -107,6 +128,13 @@ class ModelConfig(StrictConfig):
     _check_rounds = field_validator("mogrifier_rounds")(check_rounds)
 
     _check_dropout = field_validator(*_DROPOUT_FIELDS)(check_dropout)
+
+    @field_validator("embedding_size")
+    @classmethod
+    def _check_embedding_size(cls, v: int | None) -> int | None:
+        if v is not None and v <= 0:
+            raise ValueError(f"embedding_size must be > 0 (or null = hidden_size), got {v}")
+        return v
 
     @field_validator("chrono_t_max")
     @classmethod
@@ -141,6 +169,11 @@ class ModelConfig(StrictConfig):
                 "leave chrono_t_max null and forget_bias_init 0"
             )
         return self
+
+    @property
+    def embedding_dim(self) -> int:
+        """The embedding size e: ``embedding_size``, or ``hidden_size`` when that is null."""
+        return self.hidden_size if self.embedding_size is None else self.embedding_size
 
     def require_vocab_size(self) -> int:
         """Return ``vocab_size`` or raise a clear error if it was never filled in."""

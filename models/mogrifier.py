@@ -136,6 +136,13 @@ class RecurrentLayer(nn.Module):
     same for every time step of the call) is applied to ``h_prev`` before the
     Mogrifier at every step, and passed to the cell (RLSTM masks ``c`` in its
     output gate). ``c_prev`` is never masked; the returned state is unmasked.
+
+    ``weight_drop`` (AWD-LSTM weight drop, DropConnect): in training mode each forward call drops the
+    cell's recurrent matrix ``weight_hh`` once (:func:`models.regularizers.drop_connect`: a fresh mask
+    per call, the same dropped matrix at every time step of the call); eval mode uses the weights as
+    they are. Only the hidden-to-hidden weights are dropped: the Mogrifier matrices gate ``x`` and
+    ``h`` before the cell (they are not recurrent transitions of the state) and stay untouched, as do
+    the input weights and the RLSTM's within-step ``weight_fu`` / ``weight_oc``.
     """
 
     def __init__(
@@ -148,11 +155,15 @@ class RecurrentLayer(nn.Module):
         capped_input_gate: bool = True,
         chrono_t_max: float | None = None,
         forget_bias_init: float = 0.0,
+        weight_drop: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= weight_drop < 1.0:  # also rejects NaN
+            raise ValueError(f"weight_drop must be in [0, 1), got {weight_drop}")
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.cell_type = cell
+        self.weight_drop = float(weight_drop)
         if cell == "lstm":
             self.cell: LSTMCell | RLSTMCell | GRUCell | ElmanCell = LSTMCell(
                 input_size, hidden_size, capped_input_gate, chrono_t_max, forget_bias_init
@@ -169,6 +180,11 @@ class RecurrentLayer(nn.Module):
             self.cell = ElmanCell(input_size, hidden_size)
         else:
             raise ValueError(f"unknown cell {cell!r}; expected one of {', '.join(map(repr, CELL_TYPES))}")
+        if weight_drop > 0 and not getattr(self.cell, "RECURRENT_WEIGHTS", ()):
+            raise ValueError(
+                f"weight_drop={weight_drop} needs a cell with a recurrent (hidden-to-hidden) weight matrix, and cell "
+                f"{cell!r} declares none; set weight_drop to 0"
+            )
         self.mogrifier = Mogrifier(input_size, hidden_size, mogrifier_rounds, mogrifier_rank)
 
     def forward(
@@ -181,7 +197,8 @@ class RecurrentLayer(nn.Module):
             raise ValueError(f"inputs must be [T, B, {self.input_size}], got {tuple(inputs.shape)}")
         h, c = state
         seq_len = inputs.shape[0]
-        step = self.cell.make_step()
+        # Weight drop: the recurrent matrix is dropped here, once, and bound into the step function.
+        step = self.cell.make_step(self.weight_drop) if self.weight_drop > 0 and self.training else self.cell.make_step()
         outputs: list[Tensor] = [None] * seq_len  # type: ignore[list-item]
         if self.mogrifier.rounds == 0:
             # All input projections in one matmul; only the h-dependent part runs per step.
@@ -211,4 +228,4 @@ class RecurrentLayer(nn.Module):
         return torch.stack(outputs), (h, c)
 
     def extra_repr(self) -> str:
-        return f"cell={self.cell_type!r}"
+        return f"cell={self.cell_type!r}" + (f", weight_drop={self.weight_drop}" if self.weight_drop else "")

@@ -1,4 +1,4 @@
-"""Weight averaging of optimizer iterates: Two-Tailed Averaging and the TA / EMA baselines.
+"""Weight averaging of optimizer iterates: Two-Tailed Averaging and the TA / EMA / NT-ASGD baselines.
 
 Notation (thesis, chapter 3): the optimizer produces iterates theta_t, t = 1, 2, ... (theta_0 being the
 initial weights); ``update()`` is called after every optimizer step and adds the new theta_t. Every E
@@ -12,6 +12,9 @@ steps ``evaluate_and_adapt(evaluate)`` measures the generalisation loss f of the
   theta_start_step, ..., theta_t.
 * :class:`ExponentialAveraging` - eq. 3.1 with a constant beta: avg_0 = theta_0,
   avg_t = (1 - beta) theta_t + beta avg_{t-1}.
+* :class:`NonMonotonicAveraging` - NT-ASGD's averaging (Merity et al. 2017, Algorithm 1): the raw weights
+  until a raw validation loss is worse than the best one before the last ``nonmono`` evaluations, then
+  the equal-weight average of the iterates from that step on.
 * :class:`NoAveraging` - always the raw weights.
 
 All averagers keep their averages in preallocated tensors with the parameters' shapes and device, in
@@ -41,14 +44,15 @@ __all__ = [
     "AveragingReport",
     "ExponentialAveraging",
     "NoAveraging",
+    "NonMonotonicAveraging",
     "TailAveraging",
     "TwoTailedAveraging",
     "TwoTailedLogic",
     "averaged_weights",
 ]
 
-Source = Literal["raw", "long", "tail", "ema"]
-Event = Literal["none", "switch", "stagnation_switch", "short_reset", "reinit"]
+Source = Literal["raw", "long", "tail", "ema", "nt_asgd"]
+Event = Literal["none", "switch", "stagnation_switch", "short_reset", "reinit", "trigger"]
 Role = Literal["raw", "short", "long"]
 
 _INF = math.inf
@@ -61,7 +65,8 @@ class AveragingReport:
     loss: the reported generalisation loss, i.e. f of the reported weights (F^L, or F^1 when the raw
         weights are reported).
     source: whose weights are reported: ``"raw"`` (the current iterate), ``"long"`` (2TA long average),
-        ``"tail"`` (tail average) or ``"ema"`` (exponential moving average).
+        ``"tail"`` (tail average), ``"ema"`` (exponential moving average) or ``"nt_asgd"`` (the NT-ASGD
+        average, once triggered).
     length: number of iterates averaged in the reported weights (1 for raw weights; for EMA the number
         of iterates that entered the recursion, theta_0 included).
     raw_loss / short_loss / long_loss: f(theta), f(theta^S), f(theta^L) as evaluated this time, None where
@@ -73,7 +78,7 @@ class AveragingReport:
         one, the short one restarts empty), ``"stagnation_switch"`` (the same, forced because F^L is
         stagnating), ``"short_reset"`` (the short average stagnated and restarts empty, S = 0),
         ``"reinit"`` (raw weights have always been better: S = L = 0; supersedes a switch at the same
-        evaluation) or ``"none"``.
+        evaluation), ``"trigger"`` (NT-ASGD: averaging starts with the current iterate) or ``"none"``.
     """
 
     loss: float
@@ -586,6 +591,101 @@ class ExponentialAveraging(Averager):
         _check_kind(state, "ema")
         _load_buffers(self._average, state["average"], "average")
         self.step = int(state["step"])
+
+
+class NonMonotonicAveraging(Averager):
+    """The averaging of NT-ASGD, non-monotonically triggered ASGD (Merity et al. 2017, Algorithm 1).
+
+    params: the parameters to average. nonmono: n, the non-monotone interval.
+
+    Until it triggers, every evaluation scores the raw weights, reports them, and logs the loss. An
+    evaluation triggers averaging when ``t > n`` and ``loss > min(logs[:-n])``, with ``logs`` the t
+    losses of the earlier evaluations (AWD-LSTM's code: ``len(best_val_loss) > nonmono and val_loss >
+    min(best_val_loss[:-nonmono])``; Algorithm 1's ``min_{l in {0, ..., t-n-1}} logs[l]``): the raw loss
+    is worse than the best one from before the last n evaluations. NaN counts as worse than anything.
+    From then on the reported weights are the equal-weight average of the iterates theta_T,
+    theta_T+1, ..., theta_t, T being the step of the triggering evaluation (Algorithm 1's returned
+    ``sum_{i=T..K} w_i / (K - T + 1)``; :class:`TailAveraging` with ``start_step = T``), and every
+    evaluation scores that average; the trigger is final. The triggering evaluation itself reports
+    the raw loss it measured (the average then holds theta_T alone, the same weights).
+
+    Difference to AWD-LSTM: AWD switches the optimizer from SGD to ``torch.optim.ASGD`` (t0 = 0,
+    lambd = 0), which keeps the running average inside the optimizer and starts it with the first
+    iterate after the switch. Here the configured optimizer (SGD for the AWD configs, or any other)
+    runs on unchanged and the average is kept beside it, like every averager of this module; it also
+    counts the triggering iterate (one iterate of difference). AWD checks the trigger once per epoch;
+    here at every evaluation (``train.eval_every`` steps).
+    """
+
+    def __init__(self, params: Iterable[Parameter], nonmono: int = 5) -> None:
+        if isinstance(nonmono, bool) or not isinstance(nonmono, int) or nonmono < 1:
+            raise ValueError(f"nonmono must be a positive int, got {nonmono!r}")
+        self.nonmono = nonmono
+        self._params = _unique_params(params)
+        self._average = _new_buffers(self._params)  # mean of theta_T..theta_t once triggered
+        self.step = 0  # t: optimizer steps seen
+        self.trigger_step: int | None = None  # T: the step whose evaluation triggered averaging
+        self.count = 0  # iterates in the average: t - T + 1 once triggered, else 0
+        self.logs: list[float] = []  # raw validation losses of the evaluations before the trigger
+
+    @property
+    def triggered(self) -> bool:
+        return self.trigger_step is not None
+
+    @torch.no_grad()
+    def _add(self) -> None:
+        self.count += 1
+        _accumulate(self._average, _sources(self._params, self._average), self.count)
+
+    def update(self) -> None:
+        self.step += 1
+        if self.triggered:
+            self._add()
+
+    def should_trigger(self, loss: float) -> bool:
+        """Whether a raw validation loss ``loss`` triggers averaging, given the losses logged so far."""
+        n = self.nonmono
+        return len(self.logs) > n and _key(loss) > min(_key(v) for v in self.logs[:-n])
+
+    def evaluate_and_adapt(self, evaluate: Callable[[], float]) -> AveragingReport:
+        if self.triggered:
+            with self.reported_weights():
+                loss = float(evaluate())
+            return AveragingReport(
+                loss=loss, source="nt_asgd", length=self.count, raw_loss=None, short_loss=None, long_loss=loss,
+                short_length=0, long_length=self.count, event="none",
+            )
+        loss = float(evaluate())
+        event: Event = "none"
+        if self.should_trigger(loss):
+            self.trigger_step = self.step
+            self._add()  # theta_T, the weights just evaluated
+            event = "trigger"
+        self.logs.append(loss)
+        return AveragingReport(
+            loss=loss, source="raw", length=1, raw_loss=loss, short_loss=None, long_loss=None,
+            short_length=0, long_length=self.count, event=event,
+        )
+
+    def reported_weights(self) -> ContextManager[None]:
+        """The average once triggered, else the raw weights."""
+        return averaged_weights(self._params, self._average) if self.count > 0 else contextlib.nullcontext()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "nt_asgd", "nonmono": self.nonmono, "step": self.step,
+                "trigger_step": -1 if self.trigger_step is None else self.trigger_step, "count": self.count,
+                "logs": list(self.logs), "average": list(self._average)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the state; ``nonmono`` is the constructor's (it may change on resume)."""
+        _check_kind(state, "nt_asgd")
+        step, trigger, count = int(state["step"]), int(state["trigger_step"]), int(state["count"])
+        if not (0 <= step and (trigger, count) == (-1, 0) or 0 <= trigger <= step and count == step - trigger + 1):
+            raise ValueError(f"inconsistent NT-ASGD averaging state: step={step}, trigger_step={trigger}, count={count}")
+        _load_buffers(self._average, state["average"], "average")
+        self.step, self.count = step, count
+        self.trigger_step = None if trigger < 0 else trigger
+        self.logs = [float(v) for v in state["logs"]]
 
 
 class NoAveraging(Averager):

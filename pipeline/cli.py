@@ -2,7 +2,8 @@
 
 Stages: ``prepare``, ``train``, ``evaluate`` and ``run`` (all three in sequence); ``configs``
 lists the shipped experiment configs; ``compare``, ``pareto`` (sentence VAEs' NLL-MI frontiers) and
-``sweep`` (a grid of one config, locally or on Kubernetes) read or make several runs; the Kubernetes
+``sweep`` (a grid of one config, locally or on Kubernetes) and ``tune`` (an Optuna study: trials sampled
+from a search space, pruned on 2TA's reported loss) read or make several runs; the Kubernetes
 commands are ``drive``, ``k8s-manifest``, ``fetch-data`` and ``create-buckets``. Every field of :class:`pipeline.config.PipelineConfig` is
 also a command-line option (``--train.optimizer.lr 0.003``, ``--model.chrono_t_max null``): the
 options are generated from the schema, values are parsed as YAML scalars and validated by it.
@@ -21,7 +22,7 @@ from collections.abc import Sequence
 
 from pipeline.cli_options import HELP_ALL, OptionParser, add_schema_options, schema_options, schema_overrides
 from pipeline.config import ConfigError, PipelineConfig, load_config, shipped_config_purposes
-from pipeline.errors import STORAGE_ERRNOS, PipelineError, WorkDirError, unwritable
+from pipeline.errors import STORAGE_ERRNOS, PipelineError, TrialPruned, WorkDirError, unwritable
 from pipeline.stages import run_stage
 
 __all__ = ["build_parser", "main", "schema_options"]
@@ -30,7 +31,8 @@ log = logging.getLogger("pipeline")
 
 STAGES = ("prepare", "train", "evaluate", "run")
 # Modules that register further subcommands through ``register_commands(subparsers)``.
-COMMAND_MODULES: tuple[str, ...] = ("pipeline.compare", "pipeline.pareto", "pipeline.sweep", "pipeline.k8s.commands")
+COMMAND_MODULES: tuple[str, ...] = ("pipeline.compare", "pipeline.pareto", "pipeline.sweep", "pipeline.tune",
+                                     "pipeline.k8s.commands")
 
 
 # Each stage's line in the command list, and the description its --help starts with.
@@ -46,7 +48,9 @@ _STAGE_HELP = {
 _OVERRIDES_HELP = "Any config field is an option: --section.field VALUE (a YAML value; null for none)."
 # Kubernetes settings: no local stage reads them, so their --help leaves them out (they are still accepted);
 # nor does it show the other model family's section (an LM's help leaves out vae.*, a VAE's model.*).
-_HIDDEN_LOCALLY = ("cluster",)
+# The tune.* options are set by `python -m pipeline tune` on its trials' configs: accepted, not shown either.
+_HIDDEN_LOCALLY = ("cluster", "tune")
+_EVALUATION_ONLY = ("evaluate.dynamic", "evaluate.mc_dropout")  # shown by evaluate and run only
 _OTHER_TASK_SECTION = {"lm": "vae", "vae": "model"}
 _LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 _VERBOSE_HELP = "show third-party logs and warnings and the pipeline's debug lines"
@@ -77,14 +81,20 @@ def build_parser(task: str = "lm") -> argparse.ArgumentParser:
         short, description = _STAGE_HELP[stage]
         p = sub.add_parser(stage, help=short, usage=usage, allow_abbrev=False, description=f"{description} {_OVERRIDES_HELP}",
                            epilog=f"The --cluster.* options (Kubernetes runs) are accepted but not shown: {HELP_ALL} shows "
-                                  f"them. So are the --{other}.* options (task {'vae' if other == 'vae' else 'lm'}).")
+                                  f"them. So are the --{other}.* options (task {'vae' if other == 'vae' else 'lm'}) and the "
+                                  "--tune.* ones (`tune` sets them on its trials)"
+                                  + ("." if stage in ("evaluate", "run") else
+                                     ", and the --evaluate.dynamic.* and --evaluate.mc_dropout.* ones (shown by evaluate "
+                                     "and run)."))
         _add_common_options(p, "a shipped config (`python -m pipeline configs` lists them) or a YAML file")
         if stage in ("prepare", "run", "evaluate"):
             p.add_argument("--force", action="store_true", help={
                 "prepare": "rebuild the tokenised data even if it verifies",
                 "evaluate": "evaluate again even if this final model was evaluated with these settings",
                 "run": "rebuild the data even if it verifies, and evaluate again"}[stage])
-        add_schema_options(p, hidden=(*_HIDDEN_LOCALLY, other))
+        # Dynamic / MC-dropout evaluation settings matter to the stages that evaluate; elsewhere --help-all.
+        evaluation_only = () if stage in ("evaluate", "run") or other == "model" else _EVALUATION_ONLY
+        add_schema_options(p, hidden=(*_HIDDEN_LOCALLY, other, *evaluation_only))
     flush = sub.add_parser("flush", help="send MLflow calls left unsent (server down) by earlier stages of a run",
                            usage=usage, allow_abbrev=False,
                            epilog=f"The config overrides of the run (--section.field VALUE) are accepted: {HELP_ALL} shows them.")
@@ -175,6 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _terminate_on_sigterm()
     try:
         run_stage(args.stage, config, force=getattr(args, "force", False), config_source=args.config)
+    except TrialPruned as err:  # an Optuna trial stopped by its study's pruner: a decision, not an error
+        log.info("%s", err)
+        return err.exit_code
     except PipelineError as err:  # says what is wrong and what to do: no traceback
         log.error("%s", err)
         return err.exit_code

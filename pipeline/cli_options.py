@@ -247,12 +247,14 @@ def add_schema_options(parser: argparse.ArgumentParser, *, hidden: Collection[st
     """Add every schema field as ``--section.field VALUE`` (dest ``override:section.field``), one
     argument group per section, and a ``--help-all`` option.
 
-    ``hidden``: top-level sections (``"cluster"``; ``"*"`` for all) whose options are accepted but
-    left out of ``--help``; ``--help-all`` shows them.
+    ``hidden``: sections (top-level like ``"cluster"`` with their subsections, or a subsection like
+    ``"evaluate.dynamic"``; ``"*"`` for all) whose options are accepted but left out of ``--help``;
+    ``--help-all`` shows them.
     """
     hidden = (hidden,) if isinstance(hidden, str) else tuple(hidden)  # "cluster" is one section, not letters
     for section in schema_sections(model):
-        is_hidden = _ALL_SECTIONS in hidden or section.top in hidden
+        is_hidden = _ALL_SECTIONS in hidden or section.top in hidden or any(
+            section.name == h or section.name.startswith(h + ".") for h in hidden)
         # A group with a description is printed even when all its options are hidden: keep it for --help-all.
         group = parser.add_argument_group(section.name or "experiment", None if is_hidden else section.description)
         if is_hidden:
@@ -320,7 +322,9 @@ class OptionParser(argparse.ArgumentParser):
         if suggestions:
             return f"unknown option {name}; did you mean one of {', '.join(suggestions)}?"
         section = name[2:].rpartition(".")[0]
-        in_section = [o for o in options if section and o.startswith(f"--{section}.")]
+        # The section's own options (not its subsections'): `--evaluate.foo` lists --evaluate.bptt, ...
+        in_section = [o for o in options if section and o.startswith(f"--{section}.")
+                      and "." not in o[len(section) + 3:]]
         if in_section and len(in_section) <= _MAX_LISTED:
             return f"unknown option {name}; the {section}.* options are {', '.join(in_section)}"
         top = name[2:].split(".", 1)[0]

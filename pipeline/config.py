@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from models.config import ModelConfig, StrictConfig
 from pipeline.cluster_config import ClusterConfig, GpuPodResources, PodResources, Toleration, quantity_value
 from pipeline.errors import EXIT_CONFIG, PipelineError
+from pipeline.tune_config import TuneTrialConfig
 from pipeline.vae_config import VAEConfig
 
 __all__ = [
@@ -33,7 +34,9 @@ __all__ = [
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",
+    "DynamicEvalConfig",
     "EvaluateConfig",
+    "MCDropoutConfig",
     "OptimizerConfig",
     "PipelineConfig",
     "TrackingConfig",
@@ -78,7 +81,9 @@ class DataConfig(StrictConfig):
 class OptimizerConfig(StrictConfig):
     """Optimizer and the gradient-side regularisers."""
 
-    name: Literal["adam", "radam"] = Field(default="radam", description="adam, or radam: Rectified Adam (thesis §4.4).")
+    name: Literal["adam", "radam", "sgd"] = Field(
+        default="radam", description="adam, radam (Rectified Adam, thesis §4.4) or sgd (plain SGD, no momentum: AWD-LSTM, lr 30)."
+    )
     lr: float = Field(default=2e-3, gt=0, description="Base learning rate (lowered by train.divergence_lr_decay after a divergence).")
     beta1: float = Field(default=0.0, ge=0, lt=1, description="Adam beta1, the first-moment decay; the thesis uses 0 (RMSProp-like).")
     beta2: float = Field(default=0.999, gt=0, lt=1, description="Adam beta2, the second-moment decay.")
@@ -88,10 +93,11 @@ class OptimizerConfig(StrictConfig):
 
 
 class AveragingConfig(StrictConfig):
-    """Weight averaging: Two-Tailed Averaging (default) or the TA / EMA baselines."""
+    """Weight averaging: Two-Tailed Averaging (default), TA, EMA or NT-ASGD."""
 
-    method: Literal["two_tailed", "tail", "ema", "none"] = Field(
-        default="two_tailed", description="two_tailed (thesis Alg. 2), tail (eq. 3.2), ema (eq. 3.1) or none (raw weights)."
+    method: Literal["two_tailed", "tail", "ema", "nt_asgd", "none"] = Field(
+        default="two_tailed", description="two_tailed (thesis Alg. 2), tail (eq. 3.2), ema (eq. 3.1), nt_asgd (AWD-LSTM "
+        "non-monotonically triggered averaging) or none (raw weights)."
     )
     reset_patience: int | None = Field(
         default=3, ge=1, description="2TA: reset an average not improved for this many evaluations; null = never reset."
@@ -99,6 +105,10 @@ class AveragingConfig(StrictConfig):
     raw_fallback: bool = Field(default=True, description="2TA: report the raw weights while they are at least as good as the long average.")
     tail_start: int | None = Field(default=None, ge=0, description="tail: optimizer step at which averaging starts (required by method tail).")
     ema_decay: float | None = Field(default=None, gt=0, lt=1, description="ema: decay rate beta of eq. 3.1, e.g. 0.999 (required by method ema).")
+    nonmono: int = Field(
+        default=5, ge=1, description="nt_asgd: n, start averaging once a raw validation loss is worse than the best "
+        "before the last n evaluations."
+    )
 
     @model_validator(mode="after")
     def _method_parameters(self) -> AveragingConfig:
@@ -133,6 +143,20 @@ class TrainConfig(StrictConfig):
     )
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     averaging: AveragingConfig = Field(default_factory=AveragingConfig)
+    ar_alpha: float = Field(
+        default=0.0, ge=0, description="AWD-LSTM AR: add alpha * mean(output^2) of the dropped summed layer output "
+        "(lm); 0 = off."
+    )
+    tar_beta: float = Field(
+        default=0.0, ge=0, description="AWD-LSTM TAR: add beta * mean((h_t+1 - h_t)^2) of the undropped summed layer "
+        "output (lm); 0 = off."
+    )
+    variable_bptt: bool = Field(
+        default=False, description="AWD-LSTM variable BPTT (lm): window ~ N(bptt, or bptt/2 w.p. 0.05; std), lr x "
+        "window/bptt."
+    )
+    variable_bptt_std: float = Field(default=5.0, ge=0, description="variable_bptt: standard deviation of the window length.")
+    variable_bptt_min: int = Field(default=5, ge=1, description="variable_bptt: shortest window in tokens.")
 
     engine: Literal["ddp", "deepspeed"] = Field(
         default="ddp", description="ddp: torch DDP under torchrun (or one process); deepspeed: a DeepSpeed ZeRO engine."
@@ -174,17 +198,55 @@ class CheckpointConfig(StrictConfig):
 
 
 class TemperatureScan(StrictConfig):
-    """Softmax temperatures tried on the validation set (one pass computes all of them)."""
+    """Softmax temperatures T tried on the validation set (logits / T; one pass computes all of them)."""
 
-    min: float = Field(default=0.8, gt=0, description="Lowest softmax temperature tried.")
-    max: float = Field(default=1.2, gt=0, description="Highest softmax temperature tried.")
-    num: int = Field(default=41, ge=1, description="Temperatures tried, evenly spaced from min to max (plus 1.0).")
+    # The default range covers deepmind/lamb's scan after inverting its convention (lamb multiplies the
+    # logits by t, tried from 1.06 down to 0.80: T = 1/t in [0.943, 1.25]); see pipeline.tasks.lm_evaluation.
+    min: float = Field(default=0.8, gt=0, description="Lowest softmax temperature T tried (logits are divided by T).")
+    max: float = Field(
+        default=1.25, gt=0, description="Highest softmax temperature T tried (lamb's multiplier t = 1/T: 0.8 is T 1.25)."
+    )
+    num: int = Field(default=46, ge=1, description="Temperatures tried, evenly spaced from min to max (plus 1.0).")
 
     @model_validator(mode="after")
     def _ordered(self) -> TemperatureScan:
         if self.max < self.min:
             raise ValueError(f"evaluate.temperature.max ({self.max}) must be >= evaluate.temperature.min ({self.min})")
         return self
+
+
+class DynamicEvalConfig(StrictConfig):
+    """Dynamic evaluation (Krause et al. 2017; thesis §4.5 and Table 2.6)."""
+
+    enabled: bool = Field(default=False, description="Also report valid/test with dynamic evaluation (slow: batch 1).")
+    max_time_steps: int | None = Field(
+        default=None, gt=0, description="Window in tokens between weight updates; null = the thesis' largest, 50 "
+        "(char) or 20 (word)."
+    )
+    tune_window: bool = Field(default=False, description="Also tune the window in [1, max_time_steps] (Table 2.6).")
+    stripes: int = Field(default=1, gt=0, description="Batch size: stripes of the evaluated stream (the thesis: 1).")
+    grad_batch_size: int = Field(
+        default=64, gt=0, description="Training sequences per batch of the mean-squared-gradient statistics (thesis: 1024)."
+    )
+    grad_tokens: int | None = Field(
+        default=100_000, gt=0, description="Training tokens read for the gradient statistics; null = the whole split."
+    )
+    trials: int = Field(default=20, ge=1, description="Optuna TPE trials tuning the rates and epsilon on validation.")
+    tune_tokens: int = Field(default=20_000, gt=0, description="Validation prefix (tokens) each tuning trial scores.")
+    learning_rate: float | None = Field(
+        default=None, gt=0, description="Fixed learning rate eta; null = tuned in [1e-6, 1e-3]."
+    )
+    decay_rate: float | None = Field(default=None, ge=0, description="Fixed decay lambda; null = tuned in [1e-6, 1e-2].")
+    epsilon: float | None = Field(default=None, gt=0, description="Fixed epsilon; null = tuned in [1e-8, 1e-2].")
+
+
+class MCDropoutConfig(StrictConfig):
+    """Monte Carlo dropout evaluation: arithmetic and geometric means over masks."""
+
+    samples: int = Field(default=0, ge=0, description="Dropout masks averaged per token (thesis: 200); 0 = off.")
+    rate_multiplier: float = Field(
+        default=1.0, ge=0, description="Every *_dropout and weight_drop rate of the model times this (capped below 1)."
+    )
 
 
 class EvaluateConfig(StrictConfig):
@@ -194,6 +256,8 @@ class EvaluateConfig(StrictConfig):
     bptt: int = Field(default=200, gt=0, description="Window in tokens of the final evaluation (state carried across windows).")
     max_tokens: int | None = Field(default=None, gt=0, description="Score at most this many tokens of each split (valid, test); null = all.")
     temperature: TemperatureScan = Field(default_factory=TemperatureScan)
+    dynamic: DynamicEvalConfig = Field(default_factory=DynamicEvalConfig)
+    mc_dropout: MCDropoutConfig = Field(default_factory=MCDropoutConfig)
 
 
 class TrackingConfig(StrictConfig):
@@ -249,6 +313,10 @@ class PipelineConfig(StrictConfig):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     vae: VAEConfig = Field(default_factory=VAEConfig, description="The sentence VAE (task vae only).")
+    tune: TuneTrialConfig = Field(
+        default_factory=TuneTrialConfig, description="Set by `python -m pipeline tune` on its trials (Optuna "
+        "reporting and pruning); leave unset.",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:
@@ -304,8 +372,9 @@ class PipelineConfig(StrictConfig):
 # (a resolved config, which lists every field with its default, stays valid).
 _LM_ONLY_FIELDS: dict[str, tuple[str, ...]] = {
     "model": tuple(ModelConfig.model_fields),
-    "train": ("bptt", "dropout_samples", "eval_tokens"),
-    "evaluate": ("batch_size", "bptt", "max_tokens", "temperature"),
+    "train": ("bptt", "dropout_samples", "eval_tokens", "ar_alpha", "tar_beta", "variable_bptt", "variable_bptt_std",
+              "variable_bptt_min"),
+    "evaluate": ("batch_size", "bptt", "max_tokens", "temperature", "dynamic", "mc_dropout"),
 }
 
 

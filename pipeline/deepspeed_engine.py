@@ -4,7 +4,7 @@
 the loop, the objective (multi-sample dropout + L2 penalty), the carried hidden state, Two-Tailed
 Averaging, divergence recovery and evaluation are the same code:
 
-* ``deepspeed.initialize(model, optimizer=<our torch Adam / RAdam>, config=deepspeed_config(...))``,
+* ``deepspeed.initialize(model, optimizer=<our torch Adam / RAdam / SGD>, config=deepspeed_config(...))``,
   with the DeepSpeed config derived from the typed schema (:func:`deepspeed_config`): micro-batch,
   gradient accumulation and global batch consistent with ``train.batch_size``, the world size and
   ``train.grad_accum_steps``; clipping from ``train.optimizer.clip_norm``; ZeRO stage from
@@ -13,6 +13,9 @@ Averaging, divergence recovery and evaluation are the same code:
   optimizer steps at the accumulation boundary, after clipping; a non-finite gradient norm makes
   ZeRO skip the update and the trainer reload the last committed checkpoint with lr x
   ``divergence_lr_decay``).
+* The learning rate lives in the param groups of that torch optimizer, which the ZeRO optimizer
+  wraps and steps: ``Trainer._apply_lr`` sets it there (base lr x divergence ``lr_scale`` x the
+  step's variable-BPTT factor, every group), exactly as for DDP; DeepSpeed has no lr scheduler here.
 * ZeRO 1/2 shards optimizer state (and gradients) but keeps the parameters replicated, so the
   weight averager lives on every rank and sees the same weights everywhere; its state, the progress
   and the per-rank RNG / hidden state go into the checkpoint next to DeepSpeed's files
@@ -58,7 +61,7 @@ def deepspeed_config(train: TrainConfig, world_size: int, device: torch.device |
         "gradient_clipping": float(clip) if clip is not None else 0.0,
         "zero_optimization": {"stage": train.zero_stage},
         "bf16": {"enabled": train.precision == "bf16" and device.type == "cuda"},
-        # The optimizer is ours (torch Adam / RAdam from train.optimizer), not one DeepSpeed builds.
+        # The optimizer is ours (torch Adam / RAdam / SGD from train.optimizer), not one DeepSpeed builds.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,  # the trainer logs; DeepSpeed stays quiet
         "wall_clock_breakdown": False,

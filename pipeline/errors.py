@@ -20,11 +20,13 @@ __all__ = [
     "EXIT_DIVERGED",
     "EXIT_DRIVER_FAILED",
     "EXIT_LOCKED",
+    "EXIT_PRUNED",
     "EXIT_STORAGE",
     "NON_RETRIABLE_EXIT_CODES",
     "PeerFailure",
     "PipelineError",
     "StorageFull",
+    "TrialPruned",
     "WorkDirError",
     "unwritable",
     "writing",
@@ -36,9 +38,13 @@ EXIT_CHECKPOINTS_UNREADABLE = 4  # checkpoints exist but none can be loaded: a h
 EXIT_STORAGE = 5  # checkpoint location or work dir not writable / full; too many failed saves in a row
 EXIT_DIVERGED = 6  # the loss kept diverging after every allowed recovery
 EXIT_LOCKED = 7  # another live job owns the checkpoint location
+# An Optuna trial stopped early by its study's pruner (``python -m pipeline tune``): a decision, not a failure.
+# Its last checkpoint is committed and the later stages are skipped; running it again cannot change the study's
+# decision (a re-created pod stops at once: pipeline.tune.reporting.ensure_trial_running), so Jobs never retry it.
+EXIT_PRUNED = 8
 
 NON_RETRIABLE_EXIT_CODES: tuple[int, ...] = (
-    EXIT_CONFIG, EXIT_CHECKPOINTS_UNREADABLE, EXIT_STORAGE, EXIT_DIVERGED, EXIT_LOCKED,
+    EXIT_CONFIG, EXIT_CHECKPOINTS_UNREADABLE, EXIT_STORAGE, EXIT_DIVERGED, EXIT_LOCKED, EXIT_PRUNED,
 )
 
 
@@ -58,6 +64,12 @@ class StorageFull(PipelineError):
     """Writing failed because the device is full, read-only or over quota (retrying cannot help)."""
 
     exit_code = EXIT_STORAGE
+
+
+class TrialPruned(PipelineError):
+    """The study's pruner stopped this trial (thesis §3: 2TA's anytime loss makes early stopping reliable)."""
+
+    exit_code = EXIT_PRUNED
 
 
 class PeerFailure(PipelineError):

@@ -1,7 +1,8 @@
 """The ``evaluate`` stage: score the run's final (2TA) model and record the results.
 
 What is scored is the task's (:mod:`pipeline.tasks`): the language model's cross-entropy with a
-softmax temperature scan (:mod:`pipeline.tasks.lm_evaluation`), or the sentence VAE's
+softmax temperature scan, optionally dynamic evaluation and Monte Carlo dropout, and its report
+(``evaluation/report.md``, ``.csv``, ``.png``; :mod:`pipeline.tasks.lm_evaluation`), or the sentence VAE's
 importance-sampled NLL, ELBO, KL, mutual information and active units
 (:mod:`pipeline.tasks.vae_evaluation`). A model already evaluated with the same settings is not
 evaluated again (``eval_results.json`` holds a fingerprint of the model file and the settings).
@@ -52,6 +53,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "eval_results.json"
+#: Folders of a result's artifact files that are kept as their MLflow artifact folder (others go to plots/).
+ARTIFACT_FOLDERS = ("samples", "evaluation")
 
 
 def evaluation_fingerprint(config: PipelineConfig, model_path: Path) -> dict[str, Any]:
@@ -125,7 +128,8 @@ def run_evaluate(config: PipelineConfig, tracker=None, *, force: bool = False):
         tracker.log_summary_plot(metrics, spec.unit(manifest))
         for artifact in getattr(result, "artifacts", []):
             path = Path(artifact)
-            tracker.log_artifact(path, "samples" if path.parent.name == "samples" else "plots")
+            # A file's folder names its artifact folder: samples/ (VAE), evaluation/ (the LM report); else plots/.
+            tracker.log_artifact(path, path.parent.name if path.parent.name in ARTIFACT_FOLDERS else "plots")
         if config.task == "vae":
             tracker.log_pareto_plot()
     return result, True

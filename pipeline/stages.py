@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pipeline.config import PipelineConfig
 from pipeline.console import RunSummary, StageOutcome, mlflow_ui_hint, print_summary
-from pipeline.errors import WorkDirError, unwritable, writing
+from pipeline.errors import TrialPruned, WorkDirError, unwritable, writing
 
 __all__ = ["check_work_dir", "ensure_writable", "run_stage"]
 
@@ -78,6 +78,11 @@ def run_stage(stage: str, config: PipelineConfig, *, force: bool = False, config
         if stage in ("train", "run"):
             from pipeline.train import run_train
 
+            if config.tune.storage is not None:
+                # An Optuna trial its study no longer runs (a re-created pod of a pruned trial): stop at once.
+                from pipeline.tune.reporting import ensure_trial_running
+
+                ensure_trial_running(config, ctx)
             tracker.start_stage("train", tentative=True)
             tracker.set_tags({"pipeline.world_size": ctx.world_size, "pipeline.engine": config.train.engine,
                               "pipeline.device": config.train.device})
@@ -104,7 +109,9 @@ def run_stage(stage: str, config: PipelineConfig, *, force: bool = False, config
             summary.paths["results"] = str(config.run_dir / RESULTS_FILE)
         failed = False
     except BaseException as err:
-        status = "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED"
+        # A trial pruned by its study (TrialPruned) stopped on purpose: KILLED like an interrupted run, tagged
+        # tune.pruned; its later stages (evaluate) are skipped.
+        status = "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit, TrialPruned)) else "FAILED"
         tracker.end_stage(status)
         raise
     finally:

@@ -256,6 +256,7 @@ class Trainer(TrainerCheckpoints):
         if task.before_step(self.step, self.model):
             self._restart_optimization()
         batch = task.next_batch()
+        self._set_step_lr(batch)  # variable BPTT: lr x window / bptt (all param groups, x lr_scale)
         accum, micro = cfg.grad_accum_steps, self.micro_batch
         task.begin_step(batch, self.model, accum, micro)
         self.model.train()
@@ -439,6 +440,12 @@ class Trainer(TrainerCheckpoints):
         self._log_line({"step": self.step, "eval": vars(report)})
         if self.tracker is not None:
             self.tracker.log_metrics(metrics, step=self.step)
+        if self.config.tune.storage is not None:
+            # An Optuna trial (`python -m pipeline tune`): report this evaluation to the study; pruned -> a
+            # checkpoint of this step, then TrialPruned on every rank (the later stages are skipped).
+            from pipeline.tune.reporting import report_evaluation
+
+            report_evaluation(self, report)
 
     def finish(self) -> TrainResult:
         """Save the reported (2TA long-average, or raw while better) weights as the final model (rank 0)."""

@@ -24,6 +24,7 @@ from pipeline.averaging import (
     AveragingReport,
     ExponentialAveraging,
     NoAveraging,
+    NonMonotonicAveraging,
     TailAveraging,
     TwoTailedAveraging,
 )
@@ -44,7 +45,15 @@ class TrainingDiverged(PipelineError, RuntimeError):
 
 
 def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    """The torch optimizer of ``train.optimizer`` over all of ``model``'s parameters (one param group).
+
+    adam / radam use ``beta1``, ``beta2`` and ``eps``; sgd is plain SGD (no momentum, no weight decay: the
+    L2 penalty is ``train.optimizer.l2_penalty``, added to the objective - for SGD the same update as
+    AWD-LSTM's ``weight_decay``) and ignores them. Both engines build their optimizer here.
+    """
     opt = train.optimizer
+    if opt.name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=0.0)
     kwargs = dict(lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps)
     if opt.name == "adam":
         return torch.optim.Adam(model.parameters(), **kwargs)
@@ -60,11 +69,17 @@ def build_averager(model: torch.nn.Module, train: TrainConfig):
         return TailAveraging(params, start_step=avg.tail_start)
     if avg.method == "ema":
         return ExponentialAveraging(params, decay=avg.ema_decay)
+    if avg.method == "nt_asgd":
+        return NonMonotonicAveraging(params, nonmono=avg.nonmono)
     return NoAveraging(params)
 
 
 class TrainerCheckpoints:
     """The checkpoint side of :class:`~pipeline.trainer.Trainer` (see the module docstring)."""
+
+    # The learning-rate factor of the current step's batch (variable BPTT: window / bptt; else 1), see
+    # _set_step_lr. Not checkpointed: every step sets it from its own batch before the optimizer steps.
+    _step_lr_factor: float = 1.0
 
     def _retry_policy(self) -> RetryPolicy:
         ck = self.config.checkpoint
@@ -190,8 +205,22 @@ class TrainerCheckpoints:
         return None if info is None else info.step
 
     def _apply_lr(self) -> None:
+        """Set every param group's lr to ``train.optimizer.lr`` x ``lr_scale`` (divergence decay) x the
+        current step's factor (variable BPTT). Every group: AWD-LSTM rescaled ``param_groups[0]`` only.
+        The DeepSpeed engine steps this same torch optimizer (ZeRO keeps its param groups), so this sets
+        its lr too."""
+        lr = self.train_cfg.optimizer.lr * self.lr_scale * self._step_lr_factor
         for group in self.optimizer.param_groups:
-            group["lr"] = self.train_cfg.optimizer.lr * self.lr_scale
+            group["lr"] = lr
+
+    def _set_step_lr(self, batch: Any) -> None:
+        """Before a step: apply the batch's learning-rate factor (``batch.lr_factor``: AWD-LSTM's variable
+        BPTT rescales the lr by window length / bptt; batches without one count as 1). It is the same on
+        every rank (the window lengths are), and it composes with ``lr_scale``."""
+        factor = float(getattr(batch, "lr_factor", 1.0))
+        if factor != self._step_lr_factor:
+            self._step_lr_factor = factor
+            self._apply_lr()
 
     def resume(self) -> bool:
         """Continue from the newest loadable checkpoint, if any. Returns whether it resumed.

@@ -1,5 +1,5 @@
 """Tests for pipeline.averaging: 2TA decision logic against the thesis (ch. 3), tensor bookkeeping
-against averages recomputed from kept iterates, checkpoint round trips, TA / EMA baselines."""
+against averages recomputed from kept iterates, checkpoint round trips, TA / EMA / NT-ASGD baselines."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pipeline.averaging import (
     AveragingReport,
     ExponentialAveraging,
     NoAveraging,
+    NonMonotonicAveraging,
     TailAveraging,
     TwoTailedAveraging,
     TwoTailedLogic,
@@ -516,8 +517,10 @@ def _nonlinear_loss(model: torch.nn.Module, direction: torch.Tensor) -> float:
         lambda ps: TailAveraging(ps, start_step=7),
         lambda ps: ExponentialAveraging(ps, decay=0.8),
         lambda ps: NoAveraging(ps),
+        lambda ps: NonMonotonicAveraging(ps, nonmono=2),  # saved after the trigger (at step 12)
+        lambda ps: NonMonotonicAveraging(ps, nonmono=8),  # saved before the trigger (at step 30)
     ],
-    ids=["2ta_alg2", "2ta_alg1", "tail", "ema", "none"],
+    ids=["2ta_alg2", "2ta_alg1", "tail", "ema", "none", "nt_asgd_triggered", "nt_asgd_waiting"],
 )
 def test_state_dict_round_trip_continues_bit_identically(make):
     torch.manual_seed(0)
@@ -619,6 +622,100 @@ def test_exponential_averaging_matches_recursion():
     assert report.loss == pytest.approx(float(ema @ ema))
     with pytest.raises(ValueError):
         ExponentialAveraging(model.parameters(), decay=1.0)
+
+
+def _awd_switch_evaluation(losses: list[float], nonmono: int) -> int | None:
+    """AWD-LSTM's main.py: the index of the evaluation at which it switches from SGD to ASGD (or None)."""
+    best_val_loss: list[float] = []
+    for index, val_loss in enumerate(losses):
+        if len(best_val_loss) > nonmono and val_loss > min(best_val_loss[:-nonmono]):
+            return index
+        best_val_loss.append(val_loss)
+    return None
+
+
+@pytest.mark.parametrize("nonmono", [1, 2, 5])
+@pytest.mark.parametrize("seed", range(4))
+def test_nt_asgd_triggers_like_awd_and_then_averages_every_later_iterate(nonmono, seed):
+    rng = random.Random(seed)
+    # A noisy, flattening validation curve: sooner or later a loss is worse than an old best.
+    losses = [3.0 / (1 + 0.3 * k) + rng.uniform(0, 0.4) for k in range(30)]
+    expected = _awd_switch_evaluation(losses, nonmono)
+    assert expected is not None
+    every = 3
+    model = torch.nn.Linear(3, 2, dtype=torch.float64)
+    avg = NonMonotonicAveraging(model.parameters(), nonmono=nonmono)
+    gen = torch.Generator().manual_seed(seed)
+    history: list[torch.Tensor] = []
+    trigger_iterate = None
+    for evaluation, loss in enumerate(losses):
+        for _ in range(every):
+            history.append(torch.randn(_flat(model).numel(), generator=gen, dtype=torch.float64))
+            _set_params(model, history[-1])
+            avg.update()
+        seen = []
+
+        def evaluate() -> float:
+            seen.append(_flat(model))
+            return loss
+
+        report = avg.evaluate_and_adapt(evaluate)
+        assert len(seen) == 1  # one evaluation: raw before the trigger, the average after it
+        if evaluation < expected:
+            assert (report.source, report.event, report.length, report.raw_loss) == ("raw", "none", 1, loss)
+            assert torch.equal(seen[0], history[-1]) and not avg.triggered
+        elif evaluation == expected:  # the trigger: theta_T (the weights just evaluated) starts the average
+            assert (report.source, report.event, report.loss, report.long_length) == ("raw", "trigger", loss, 1)
+            assert avg.trigger_step == len(history)
+            trigger_iterate = len(history) - 1
+        else:
+            want = torch.stack(history[trigger_iterate:]).mean(0)
+            torch.testing.assert_close(seen[0], want, atol=1e-12, rtol=0)
+            assert (report.source, report.length, report.long_loss, report.event) == (
+                "nt_asgd", len(history) - trigger_iterate, loss, "none")
+        with avg.reported_weights():
+            reported = _flat(model)
+        if evaluation >= expected:
+            torch.testing.assert_close(reported, torch.stack(history[trigger_iterate:]).mean(0), atol=1e-12, rtol=0)
+        else:
+            assert torch.equal(reported, history[-1])
+        assert torch.equal(_flat(model), history[-1])  # the raw weights are always restored
+    assert avg.logs == losses[: expected + 1]  # logged until (and including) the triggering evaluation
+
+
+def test_nt_asgd_nan_is_worse_than_anything_and_the_state_survives_dcp(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from pipeline.checkpoint.dcp import SafeLoadPlanner
+
+    model = torch.nn.Linear(2, 2)
+    avg = NonMonotonicAveraging(model.parameters(), nonmono=2)
+    for loss in (2.0, 1.0, 0.5):
+        avg.update()
+        assert avg.evaluate_and_adapt(lambda: loss).event == "none"  # t <= n, then improving
+    avg.update()
+    assert avg.evaluate_and_adapt(lambda: NAN).event == "trigger"  # NaN > min(logs[:-2]) = 2.0
+    for _ in range(3):
+        avg.update()
+    # Through torch.distributed.checkpoint into a fresh averager's template (as the trainer restores): the
+    # logs list and the trigger are not in the template's shape, they are loaded as saved.
+    dcp.save({"averager": avg.state_dict()}, checkpoint_id=str(tmp_path / "ckpt"))
+    fresh = NonMonotonicAveraging(model.parameters(), nonmono=2)
+    template = {"averager": fresh.state_dict()}
+    dcp.load(template, checkpoint_id=str(tmp_path / "ckpt"), planner=SafeLoadPlanner())
+    fresh.load_state_dict(template["averager"])
+    assert (fresh.step, fresh.trigger_step, fresh.count) == (7, 4, 4)
+    assert fresh.logs[:3] == [2.0, 1.0, 0.5] and math.isnan(fresh.logs[3])
+    with avg.reported_weights():
+        saved = _flat(model)
+    with fresh.reported_weights():
+        assert torch.equal(_flat(model), saved)
+    assert all(torch.equal(a, b) for a, b in zip(avg.state_dict()["average"], fresh.state_dict()["average"]))
+    with pytest.raises(ValueError, match="nonmono"):
+        NonMonotonicAveraging(model.parameters(), nonmono=0)
+    bad = avg.state_dict() | {"count": 2}
+    with pytest.raises(ValueError, match="inconsistent"):
+        fresh.load_state_dict(bad)
 
 
 def test_no_averaging_reports_raw():

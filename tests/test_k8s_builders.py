@@ -130,7 +130,7 @@ def test_pod_failure_policies_tell_preemption_from_config_errors():
     preempted = {"type": "DisruptionTarget", "status": "True"}
     # Exit codes no retry can fix: config (2), unreadable checkpoints (4), unwritable storage (5), divergence (6),
     # a checkpoint location owned by another job (7).
-    config_error = {"operator": "In", "values": [2, 4, 5, 6, 7]}
+    config_error = {"operator": "In", "values": [2, 4, 5, 6, 7, 8]}
     single = rules(build_stage_job(config(nodes=1), "train", DRIVER))
     gang = rules(build_stage_job(config(nodes=2), "train", DRIVER))
     # one node: the Job controller replaces a preempted pod itself, not counted against backoffLimit
@@ -231,7 +231,7 @@ def test_driver_job_finds_itself_through_the_downward_api_and_fails_for_good_on_
     assert env["RLM_DRIVER_UID"] == {"fieldRef": {"fieldPath": "metadata.labels['batch.kubernetes.io/controller-uid']"}}
     assert env["RLM_CONFIGMAP"] == configmap["metadata"]["name"]
     rules = driver["spec"]["podFailurePolicy"]["rules"]
-    assert rules[1]["onExitCodes"]["values"] == [2, 4, 5, 6, 7, builders.DRIVER_FAILED_EXIT_CODE]
+    assert rules[1]["onExitCodes"]["values"] == [2, 4, 5, 6, 7, 8, builders.DRIVER_FAILED_EXIT_CODE]
     assert driver["spec"]["ttlSecondsAfterFinished"] == cfg.cluster.ttl_seconds_after_finished
     # the ConfigMap holds the resolved config: the driver and every stage load exactly this
     assert load_config("enwik8_rlstm", {"cluster.namespace": "ml"}).to_yaml() == configmap["data"]["config.yaml"]

@@ -35,7 +35,9 @@ One concern per module:
 * :mod:`~pipeline.plots.vae_curves` -- :func:`plot_vae_training_curves` (NLL, KL, latent usage and
   the KL schedule of a VAE run; the metrics it reads are :data:`VAE_CURVES`);
 * :mod:`~pipeline.plots.pareto` -- :func:`plot_pareto` (NLL against mutual information, Pareto
-  frontiers per group) and :func:`write_frontier_csv`.
+  frontiers per group) and :func:`write_frontier_csv`;
+* :mod:`~pipeline.plots.lm_evaluation` -- :func:`plot_lm_evaluation` (a language model's valid / test
+  by evaluation method: static, tuned temperature, dynamic evaluation, MC dropout).
 """
 
 from pipeline.plots.averaging_lengths import (
@@ -54,6 +56,10 @@ from pipeline.plots.learning_curves import (
     WARMUP_FRACTION,
     plot_learning_curves,
     plot_learning_curves_figure,
+)
+from pipeline.plots.lm_evaluation import (
+    plot_lm_evaluation,
+    plot_lm_evaluation_figure,
 )
 from pipeline.plots.pareto import (
     plot_pareto,
@@ -88,6 +94,8 @@ __all__ = [
     "plot_latent_means_figure",
     "plot_learning_curves",
     "plot_learning_curves_figure",
+    "plot_lm_evaluation",
+    "plot_lm_evaluation_figure",
     "plot_pareto",
     "plot_pareto_figure",
     "plot_vae_training_curves",

@@ -9,7 +9,7 @@ One concern per module:
 * :mod:`~pipeline.sweep.command` -- ``python -m pipeline sweep``.
 
 MLflow layout: one run tagged ``pipeline.kind=sweep`` per sweep, the points' pipeline runs nested under
-it (``tracking.sweep_key``), as Optuna trials of a study will be.
+it (``tracking.sweep_key``), as the Optuna trials of a study (:mod:`pipeline.tune`) are.
 """
 
 from pipeline.sweep.command import register_commands

@@ -22,7 +22,7 @@ from pipeline.cli_options import schema_overrides
 from pipeline.config import ConfigError, PipelineConfig, load_config
 from pipeline.sweep.grid import SweepAxis, expand_grid, parse_axis, point_config, sweep_dir, sweep_key
 
-__all__ = ["register_commands", "render_sweep_manifest", "sweep_objects"]
+__all__ = ["local_tracking_uri", "open_sweep_run", "register_commands", "render_sweep_manifest", "sweep_objects"]
 
 log = logging.getLogger("pipeline.sweep")
 
@@ -67,7 +67,9 @@ def _axes(args: argparse.Namespace) -> list[SweepAxis]:
     return axes + [parse_axis(text) for text in args.grid]
 
 
-def _local_tracking_uri(base: PipelineConfig) -> str:
+def local_tracking_uri(base: PipelineConfig) -> str:
+    """The MLflow store of local runs of ``base``: ``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else the
+    SQLite store next to the runs' folders (which the points' own work dirs, one level down, would not find)."""
     from pipeline.tracking.runs import default_tracking_uri
 
     return base.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(base.run_dir)
@@ -87,7 +89,7 @@ def _main(args: argparse.Namespace) -> int:
         axes = _axes(args)
         points = expand_grid(axes)
         key = sweep_key(base, axes)
-        uri = _local_tracking_uri(base) if args.on == "local" and base.tracking.enabled else None
+        uri = local_tracking_uri(base) if args.on == "local" and base.tracking.enabled else None
         configs = [point_config(base, point, key, tracking_uri=uri) for point in points]
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -162,29 +164,40 @@ def _kubernetes(args: argparse.Namespace, base: PipelineConfig, configs: list[Pi
     return 0
 
 
-def _open_sweep_run(uri: str, experiment: str, key: str, base: PipelineConfig, axes_params: dict[str, str]):
-    """The MLflow client and the sweep run (created, or reopened when the sweep runs again); None, None
-    when the store cannot be reached (the points still run; their own trackers keep their calls)."""
+def open_sweep_run(uri: str, experiment: str, key: str, *, name: str, tags: dict[str, str],
+                   params: dict[str, str]) -> tuple[Any, str | None]:
+    """The MLflow client and the sweep (or study) run of ``key`` in ``experiment``, created or reopened (set
+    RUNNING, ``tags`` set, ``params`` logged unless logged before); (None, None) when the store cannot be
+    reached: the points still run, and their own trackers keep their calls."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking.runs import find_or_create_sweep_run, sweep_run_name
+    from pipeline.tracking.runs import find_or_create_sweep_run
 
     try:
         client = MlflowClient(tracking_uri=uri)
         found = client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found is not None else client.create_experiment(experiment)
-        run_id = find_or_create_sweep_run(client, experiment_id, key, name=sweep_run_name(experiment, key),
-                                          tags={"pipeline.config": base.name, "mlflow.source.name": "python -m pipeline sweep"})
+        run_id = find_or_create_sweep_run(client, experiment_id, key, name=name, tags=tags)
         client.update_run(run_id, status="RUNNING")
         run = client.get_run(run_id)
-        for name, value in axes_params.items():
-            if name not in run.data.params:
-                client.log_param(run_id, name, value)
+        for tag, value in tags.items():
+            if run.data.tags.get(tag) != value:
+                client.set_tag(run_id, tag, value)
+        for param, value in params.items():
+            if param not in run.data.params:
+                client.log_param(run_id, param, value)
         return client, run_id
     except Exception as err:  # an unreachable store must not stop the sweep
-        log.warning("MLflow store %s not reachable (%s): the sweep run is not recorded; the points keep their calls",
-                    uri, err)
+        log.warning("MLflow store %s not reachable (%s): the %s run is not recorded; its runs keep their calls",
+                    uri, err, "study" if "pipeline.study" in tags else "sweep")
         return None, None
+
+
+def _open_sweep_run(uri: str, experiment: str, key: str, base: PipelineConfig, axes_params: dict[str, str]):
+    from pipeline.tracking.runs import sweep_run_name
+
+    return open_sweep_run(uri, experiment, key, name=sweep_run_name(experiment, key), params=axes_params,
+                          tags={"pipeline.config": base.name, "mlflow.source.name": "python -m pipeline sweep"})
 
 
 def _local(args: argparse.Namespace, base: PipelineConfig, configs: list[PipelineConfig], axes: list[SweepAxis],

@@ -4,7 +4,8 @@ Pure functions, no I/O. A sweep is one base config and a grid of overrides (the 
 frontier by sweeping λ, ``vae.objective.mi_weight``, and α, ``vae.objective.alpha``); its *key* is a
 hash of both, so that the same sweep started again finds its runs, checkpoints and MLflow sweep run
 again, and each point is a pipeline run of its own (own work dir, checkpoints and run key) nested under
-the sweep run (``tracking.sweep_key``). Optuna trials (a later study) nest the same way.
+the sweep run (``tracking.sweep_key``). The Optuna trials of a study (:mod:`pipeline.tune`) nest the same way,
+laid out by :class:`PointLayout`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,18 @@ from typing import Any
 from pipeline.cli_options import parse_value
 from pipeline.config import ConfigError, PipelineConfig, set_dotted, validate_config
 
-__all__ = ["SHORTHANDS", "SweepAxis", "SweepPoint", "expand_grid", "parse_axis", "point_config", "sweep_dir", "sweep_key"]
+__all__ = [
+    "SHORTHANDS",
+    "SWEEP_LAYOUT",
+    "PointLayout",
+    "SweepAxis",
+    "SweepPoint",
+    "expand_grid",
+    "parse_axis",
+    "point_config",
+    "sweep_dir",
+    "sweep_key",
+]
 
 SHORTHANDS = {"lambda": "vae.objective.mi_weight", "alpha": "vae.objective.alpha"}
 """``--lambda`` and ``--alpha`` of the sweep command: the two fields the thesis sweeps."""
@@ -102,20 +114,38 @@ def sweep_dir(base: PipelineConfig, key: str) -> Path:
     return base.run_dir / f"sweep-{key}"
 
 
-def point_config(base: PipelineConfig, point: SweepPoint, key: str, *, tracking_uri: str | None = None) -> PipelineConfig:
+@dataclass(frozen=True)
+class PointLayout:
+    """Where the runs of a sweep's points (or a study's trials) live and how they are named: work dirs
+    ``<run dir>/<folder>-<key>/<prefix>-<i>``, checkpoints ``<checkpoint.url>/<folder>-<key>/<prefix>-<i>``,
+    Kubernetes run names ``<name>-<key[:6]>-<short><i>``; ``what`` names a point in error messages."""
+
+    folder: str = "sweep"
+    prefix: str = "point"
+    short: str = "p"
+    what: str = "sweep point"
+
+
+SWEEP_LAYOUT = PointLayout()
+
+
+def point_config(base: PipelineConfig, point: SweepPoint, key: str, *, tracking_uri: str | None = None,
+                 layout: PointLayout = SWEEP_LAYOUT) -> PipelineConfig:
     """The validated config of one point: the base config with the point's values, named
     ``<base name>-<slug>``, logging into the base config's experiment, nested under the sweep run,
     with its own work dir, checkpoint location and Kubernetes run name. ``tracking_uri`` pins the
     MLflow store (a local sweep: the store of the base config's work root, which the points' own work
     dirs would not find); None leaves ``tracking.uri`` as the base has it (Kubernetes: the pods' env).
+    ``layout``: a sweep's (the default) or a study's (:mod:`pipeline.tune`: trials).
 
     Raises :class:`~pipeline.config.ConfigError` naming the point when a value is invalid.
     """
     raw = base.model_dump(mode="json")
     for field, value in point.overrides.items():
         set_dotted(raw, field, value)
+    where = f"{layout.folder}-{key}"
     raw["name"] = f"{base.name}-{point.slug}"
-    raw["work_dir"] = str(sweep_dir(base, key) / f"point-{point.index}")
+    raw["work_dir"] = str(base.run_dir / where / f"{layout.prefix}-{point.index}")
     tracking = raw.setdefault("tracking", {})
     tracking["experiment"] = base.tracking.experiment or base.name
     tracking["sweep_key"] = key
@@ -123,8 +153,8 @@ def point_config(base: PipelineConfig, point: SweepPoint, key: str, *, tracking_
     if tracking_uri is not None:
         tracking["uri"] = tracking_uri
     if base.checkpoint.url:
-        raw["checkpoint"]["url"] = f"{base.checkpoint.url.rstrip('/')}/sweep-{key}/point-{point.index}"
+        raw["checkpoint"]["url"] = f"{base.checkpoint.url.rstrip('/')}/{where}/{layout.prefix}-{point.index}"
     from pipeline.k8s.builders import dns_name
 
-    raw["cluster"]["run_name"] = f"{dns_name(base.cluster.run_name or base.name, 30)}-{key[:6]}-p{point.index}"
-    return validate_config(raw, origin=f"sweep point {point.index} ({point.describe()})")
+    raw["cluster"]["run_name"] = f"{dns_name(base.cluster.run_name or base.name, 30)}-{key[:6]}-{layout.short}{point.index}"
+    return validate_config(raw, origin=f"{layout.what} {point.index} ({point.describe()})")

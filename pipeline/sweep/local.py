@@ -23,7 +23,7 @@ from pipeline.config import PipelineConfig
 from pipeline.pareto.frontier import FrontierPoint
 from pipeline.pareto.runs import frontier_point
 
-__all__ = ["PointOutcome", "local_points", "run_points"]
+__all__ = ["PointOutcome", "PointRunner", "final_metrics", "local_points", "run_points"]
 
 log = logging.getLogger("pipeline.sweep")
 
@@ -49,13 +49,91 @@ def _command(config_path: Path, extra_args: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "pipeline", "run", "--config", str(config_path), *extra_args]
 
 
-def _final_metrics(config: PipelineConfig) -> dict[str, float]:
+def final_metrics(config: PipelineConfig) -> dict[str, float]:
+    """The final metrics a finished run wrote to ``<run dir>/eval_results.json`` ({} when it has none)."""
     try:
         saved = json.loads((config.run_dir / RESULTS_FILE).read_text())
     except (OSError, ValueError):
         return {}
     metrics = saved.get("metrics", {}) if isinstance(saved, dict) else {}
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+class PointRunner:
+    """Point processes started one at a time and reaped as they end: a sweep starts a fixed list
+    (:func:`run_points`), a study (:mod:`pipeline.tune`) asks for its next trial whenever one ends.
+
+    Each point's resolved config is written to ``<directory>/<prefix>-<index>.yaml`` and its output to
+    ``<prefix>-<index>.log`` (appended: a resumed point keeps its earlier attempts). With ``parallel`` > 1
+    each process gets ``cores / parallel`` torch threads (``OMP_NUM_THREADS``, unless set already).
+    """
+
+    def __init__(self, directory: Path, *, parallel: int = 1, prefix: str = "point",
+                 extra_args: Sequence[str] = ()) -> None:
+        self.directory = directory
+        self.parallel = max(1, parallel)
+        self.prefix = prefix
+        self.extra_args = tuple(extra_args)
+        self._running: dict[int, tuple[subprocess.Popen, object, PipelineConfig]] = {}
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.parallel > 1 and "OMP_NUM_THREADS" not in self.env:
+            # Points side by side share the cores: each gets its share of torch's threads instead of all of them.
+            self.env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.parallel))
+
+    @property
+    def running(self) -> int:
+        """Processes started and not yet reaped."""
+        return len(self._running)
+
+    @property
+    def has_room(self) -> bool:
+        """Whether fewer than ``parallel`` processes run."""
+        return len(self._running) < self.parallel
+
+    def log_path(self, index: int) -> Path:
+        return self.directory / f"{self.prefix}-{index}.log"
+
+    def start(self, index: int, config: PipelineConfig) -> Path:
+        """Start ``python -m pipeline run`` of ``config`` as point ``index``; returns its log file."""
+        if index in self._running:
+            raise ValueError(f"{self.prefix} {index} is running already")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        config_path = self.directory / f"{self.prefix}-{index}.yaml"
+        config_path.write_text(config.to_yaml())
+        log_path = self.log_path(index)
+        handle = open(log_path, "ab")
+        log.info("%s %d (%s) started; log %s", self.prefix, index, config.name, log_path)
+        proc = subprocess.Popen(_command(config_path, self.extra_args), stdout=handle, stderr=subprocess.STDOUT,
+                                env=self.env)
+        self._running[index] = (proc, handle, config)
+        return log_path
+
+    def poll(self) -> list[PointOutcome]:
+        """The points that ended since the last call (their final metrics read when they succeeded)."""
+        done = []
+        for index, (proc, handle, config) in list(self._running.items()):
+            if proc.poll() is None:
+                continue
+            handle.close()
+            del self._running[index]
+            outcome = PointOutcome(index, config.name, proc.returncode, self.log_path(index),
+                                   final_metrics(config) if proc.returncode == 0 else {})
+            log.info("%s %d (%s) %s", self.prefix, index, config.name,
+                     "finished" if outcome.ok else f"ended with exit code {proc.returncode}; see {outcome.log_path}")
+            done.append(outcome)
+        return done
+
+    def terminate(self, timeout: float = 60.0) -> None:
+        """Stop every running point (SIGTERM: it closes its MLflow runs and resumes when started again)."""
+        for proc, _, _ in self._running.values():
+            proc.terminate()
+        for proc, handle, _ in self._running.values():
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            handle.close()
+        self._running.clear()
 
 
 def run_points(configs: Sequence[PipelineConfig], directory: Path, *, parallel: int = 1,
@@ -65,46 +143,19 @@ def run_points(configs: Sequence[PipelineConfig], directory: Path, *, parallel: 
     A point that fails does not stop the others (its outcome has the exit code and the log to read).
     Interrupting the sweep (Ctrl-C, SIGTERM) terminates the running points, which save what they can.
     """
-    directory.mkdir(parents=True, exist_ok=True)
+    runner = PointRunner(directory, parallel=parallel, extra_args=extra_args)
     waiting = list(enumerate(configs))
-    running: dict[int, tuple[subprocess.Popen, object]] = {}
     outcomes: dict[int, PointOutcome] = {}
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if parallel > 1 and "OMP_NUM_THREADS" not in env:
-        # Points side by side share the cores: each gets its share of torch's threads instead of all of them.
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
     try:
-        while waiting or running:
-            while waiting and len(running) < max(1, parallel):
+        while waiting or runner.running:
+            while waiting and runner.has_room:
                 index, config = waiting.pop(0)
-                config_path = directory / f"point-{index}.yaml"
-                config_path.write_text(config.to_yaml())
-                log_path = directory / f"point-{index}.log"
-                handle = open(log_path, "ab")
-                log.info("sweep point %d (%s) started; log %s", index, config.name, log_path)
-                running[index] = (subprocess.Popen(_command(config_path, extra_args), stdout=handle,
-                                                   stderr=subprocess.STDOUT, env=env), handle)
-            for index, (proc, handle) in list(running.items()):
-                if proc.poll() is None:
-                    continue
-                handle.close()
-                del running[index]
-                config = configs[index]
-                outcome = PointOutcome(index, config.name, proc.returncode, directory / f"point-{index}.log",
-                                       _final_metrics(config) if proc.returncode == 0 else {})
-                outcomes[index] = outcome
-                log.info("sweep point %d (%s) %s", index, config.name,
-                         "finished" if outcome.ok else f"FAILED (exit {proc.returncode}); see {outcome.log_path}")
-            time.sleep(poll_seconds if running else 0)
+                runner.start(index, config)
+            for outcome in runner.poll():
+                outcomes[outcome.index] = outcome
+            time.sleep(poll_seconds if runner.running else 0)
     finally:
-        for proc, handle in running.values():
-            proc.terminate()
-        for proc, handle in running.values():
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            handle.close()
+        runner.terminate()
     return [outcomes[i] for i in sorted(outcomes)]
 
 

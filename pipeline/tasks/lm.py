@@ -6,6 +6,12 @@ the multi-sample dropout objective (thesis §4.3) with ``train.dropout_samples``
 state of every micro-batch is carried to the next window (reset at each epoch start) and checkpointed
 per rank. The validation loss 2TA compares is the cross-entropy (nats/token) on this rank's share of
 the first ``train.eval_tokens`` validation tokens.
+
+AWD-LSTM options (Merity et al. 2017): ``train.ar_alpha`` / ``train.tar_beta`` add AR and TAR to the
+objective (:func:`models.multi_sample_objective`; logged as ``train/ar`` and ``train/tar``, the terms as
+added, while the step's reported loss stays the NLL); ``train.variable_bptt`` draws the window lengths
+(:class:`~pipeline.data.batches.VariableBPTT`, seeded by ``train.seed``: the same on every rank, exact on
+resume) and each window carries the learning-rate factor ``length / bptt`` the trainer applies.
 """
 
 from __future__ import annotations
@@ -16,9 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from models import ModelConfig, RecurrentLM, detach_state, multi_sample_loss
+from models import ModelConfig, RecurrentLM, detach_state, multi_sample_objective
 from pipeline.config import PipelineConfig
 from pipeline.data import Batch, BatchStream, DatasetManifest, load_tokens
+from pipeline.data.batches import VariableBPTT
 from pipeline.distributed import DistContext
 from pipeline.sizes import check_training_sizes
 from pipeline.tasks.base import MicroBatchLoss
@@ -60,8 +67,13 @@ class LanguageModelTask:
         self.unit = manifest.unit
         self._model_config = model_config_for(config, manifest)
         cfg = config.train
+        variable = (
+            VariableBPTT(seed=cfg.seed, std=cfg.variable_bptt_std, min_length=cfg.variable_bptt_min)
+            if cfg.variable_bptt else None
+        )
         self.stream = BatchStream(
-            load_tokens(config.data_dir, "train"), cfg.batch_size, cfg.bptt, rank=ctx.rank, world_size=ctx.world_size
+            load_tokens(config.data_dir, "train"), cfg.batch_size, cfg.bptt, rank=ctx.rank, world_size=ctx.world_size,
+            variable=variable,
         )
         self.valid_shard = _shard(load_tokens(config.data_dir, "valid"), ctx, cfg.eval_tokens)
         self.states: list | None = None  # carried hidden state per micro-batch, rows = D * micro_batch
@@ -100,9 +112,15 @@ class LanguageModelTask:
         inputs = batch.inputs[:, cols].to(self.device)
         targets = batch.targets[:, cols].to(self.device)
         assert self.states is not None
-        loss, state = multi_sample_loss(forward_module, inputs, targets, self.states[index], self.train_cfg.dropout_samples)
-        self._new_states.append(detach_state(state))
-        return MicroBatchLoss(objective=loss, value=loss.detach().float())
+        cfg = self.train_cfg
+        result = multi_sample_objective(
+            forward_module, inputs, targets, self.states[index], cfg.dropout_samples,
+            ar_alpha=cfg.ar_alpha, tar_beta=cfg.tar_beta,
+        )
+        self._new_states.append(detach_state(result.state))
+        metrics = {name: term.detach().float() for name, term in (("ar", result.ar), ("tar", result.tar))
+                   if term is not None}
+        return MicroBatchLoss(objective=result.loss, value=result.nll.detach().float(), metrics=metrics)
 
     def accept_step(self) -> None:
         self.states = self._new_states

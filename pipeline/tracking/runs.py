@@ -30,11 +30,15 @@ from pipeline.config import PipelineConfig
 from pipeline.tracking.ops import PARENT
 from pipeline.tracking.tags import git_commit
 
-__all__ = ["RUN_ID_FILE", "RunTree", "default_tracking_uri", "find_or_create_sweep_run", "sweep_run_name"]
+__all__ = ["RUN_ID_FILE", "STUDY_TAG", "RunTree", "default_tracking_uri", "find_or_create_sweep_run", "study_run_name",
+           "sweep_run_name"]
 
 log = logging.getLogger("pipeline.tracking")
 
 RUN_ID_FILE = "mlflow_run_id"
+STUDY_TAG = "pipeline.study"
+"""On a sweep run that holds an Optuna study's trials: the study's name (``pipeline.kind`` stays ``sweep``, so
+``compare`` and ``pareto --sweep KEY`` treat a study's trials as a sweep's points)."""
 
 
 def default_tracking_uri(run_dir: Path) -> str:
@@ -152,9 +156,11 @@ class RunTree:
         sweep_key = self.config.tracking.sweep_key
         if sweep_key:
             # A point of a sweep (a trial of a study): nested under the sweep's run, found by its key.
-            sweep_id = find_or_create_sweep_run(self.client, self.experiment(), sweep_key,
-                                                name=sweep_run_name(self.experiment_name, sweep_key),
-                                                tags=self.common_tags())
+            study = self.config.tune.study  # a trial of an Optuna study (`python -m pipeline tune`)
+            sweep_id = find_or_create_sweep_run(
+                self.client, self.experiment(), sweep_key,
+                name=(study_run_name if study else sweep_run_name)(self.experiment_name, sweep_key),
+                tags={**self.common_tags(), **({STUDY_TAG: study} if study else {})})
             tags |= {"mlflow.parentRunId": sweep_id, "pipeline.sweep_key": sweep_key}
         run = self.client.create_run(self.experiment(), run_name=self.config.name, tags=tags)
         if not self.run_key:
@@ -201,6 +207,11 @@ class RunTree:
 def sweep_run_name(experiment: str, key: str) -> str:
     """The MLflow run name of a sweep: ``sweep <experiment> <key>``."""
     return f"sweep {experiment} {key}"
+
+
+def study_run_name(experiment: str, key: str) -> str:
+    """The MLflow run name of an Optuna study (a sweep run tagged :data:`STUDY_TAG`): ``study <experiment> <key>``."""
+    return f"study {experiment} {key}"
 
 
 def find_or_create_sweep_run(client: Any, experiment_id: str, key: str, *, name: str,
