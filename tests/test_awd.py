@@ -8,6 +8,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ import yaml
 from pydantic import ValidationError
 from torch.func import functional_call
 
-from conftest import PTB_DIR, REPO
+from conftest import PTB_DIR, PYTHON, REPO, pipeline_env
 from models import (
     ModelConfig,
     RecurrentLayer,
@@ -540,11 +542,8 @@ def test_tiny_awd_run_applies_the_window_lr_and_resumes_exactly(tmp_path, ptb_wo
         assert torch.equal(p, q)
 
 
-def test_deepspeed_applies_the_window_lr_like_ddp(tmp_path, ptb_word_dir, monkeypatch):
-    """The per-step lr reaches the optimizer ZeRO steps: without dropout both engines train the same weights."""
-    pytest.importorskip("deepspeed")
-    for key, value in (("DS_ACCELERATOR", "cpu"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-        monkeypatch.setenv(key, value)
+def _deepspeed_and_ddp_steps(rank: int, folder: str, data_dir: str) -> None:
+    """Child process of the test below: four steps of each engine; lrs and the largest weight difference to JSON."""
     from pipeline.deepspeed_engine import DeepSpeedTrainer
     from pipeline.trainer import Trainer
 
@@ -553,20 +552,40 @@ def test_deepspeed_applies_the_window_lr_like_ddp(tmp_path, ptb_word_dir, monkey
                                "weight_drop"), 0.0)
         return config.model_copy(update={"model": config.model.model_copy(update=rates)})
 
-    ddp = Trainer(deterministic(_tiny_awd(tmp_path / "ddp", ptb_word_dir, 4)))
-    ds = DeepSpeedTrainer(deterministic(_tiny_awd(tmp_path / "ds", ptb_word_dir, 4, engine="deepspeed", zero_stage=2)))
+    root = Path(folder)
+    ddp = Trainer(deterministic(_tiny_awd(root / "ddp", Path(data_dir), 4)))
+    ds = DeepSpeedTrainer(deterministic(_tiny_awd(root / "ds", Path(data_dir), 4, engine="deepspeed", zero_stage=2)))
     try:
-        lrs = []
+        steps = []
         for _ in range(4):
             ddp.train_step()
             ds.train_step()
-            lrs.append(ds._lr())
-            assert ds._lr() == ddp._lr() and ds.engine.optimizer.param_groups[0]["lr"] == ds._lr()
-        assert len(set(lrs)) > 1
-        for p, q in zip(ddp.model.parameters(), ds.model.parameters()):
-            torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-5)
+            steps.append({"ds": ds._lr(), "ddp": ddp._lr(), "zero": ds.engine.optimizer.param_groups[0]["lr"]})
+        diff = max(float((p.detach() - q.detach()).abs().max()) for p, q in zip(ddp.model.parameters(),
+                                                                                  ds.model.parameters()))
+        (root / "result.json").write_text(json.dumps({"steps": steps, "max_diff": diff}))
     finally:
         ds.close()
+        ddp.close()
+
+
+def test_deepspeed_applies_the_window_lr_like_ddp(tmp_path, ptb_word_dir, monkeypatch):
+    """The per-step lr reaches the optimizer ZeRO steps: without dropout both engines train the same weights.
+    (In a child process: DeepSpeed caches its process groups, so one engine per process, and test_deepspeed.py
+    builds one in this process.)"""
+    pytest.importorskip("deepspeed")
+    for key, value in (("DS_ACCELERATOR", "cpu"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        monkeypatch.setenv(key, value)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from test_awd import _deepspeed_and_ddp_steps; "
+            "_deepspeed_and_ddp_steps(0, sys.argv[2], sys.argv[3])")
+    done = subprocess.run([PYTHON, "-c", code, str(Path(__file__).parent), str(tmp_path), str(ptb_word_dir)], cwd=REPO,
+                          env=pipeline_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    lrs = [step["ds"] for step in result["steps"]]
+    assert all(step["ds"] == step["ddp"] == step["zero"] for step in result["steps"])
+    assert len(set(lrs)) > 1
+    assert result["max_diff"] <= 1e-5
 
 
 def test_awd_training_fields_are_language_model_fields():
