@@ -49,6 +49,7 @@ __all__ = [
     "TwoTailedAveraging",
     "TwoTailedLogic",
     "averaged_weights",
+    "restored_weights",
 ]
 
 Source = Literal["raw", "long", "tail", "ema", "nt_asgd"]
@@ -202,10 +203,21 @@ def averaged_weights(params: Sequence[Parameter], averages: Sequence[Tensor]) ->
     for i, (p, a) in enumerate(zip(params, averages)):
         if p.shape != a.shape:
             raise ValueError(f"parameter {i} has shape {tuple(p.shape)} but its average {tuple(a.shape)}")
+    with restored_weights(params):
+        with torch.no_grad():
+            for p, a in zip(params, averages):
+                p.copy_(a)
+        yield
+
+
+@contextlib.contextmanager
+def restored_weights(params: Sequence[Parameter]) -> Iterator[None]:
+    """Run the block, then copy the values ``params`` had before back into them (in place, bit for bit), also
+    when the block raises. The block may change the weights any way it likes (an average swapped in, dynamic
+    evaluation's updates)."""
+    params = list(params)
     with torch.no_grad():
         backup = [p.detach().clone() for p in params]
-        for p, a in zip(params, averages):
-            p.copy_(a)
     try:
         yield
     finally:
@@ -500,7 +512,27 @@ class TwoTailedAveraging(Averager):
         self.logic.load_state_dict(state["logic"])
 
 
-class TailAveraging(Averager):
+class _EqualWeightAverage(Averager):
+    """What tail averaging and NT-ASGD share: the equal-weight average of the iterates added since averaging
+    started (``count`` of them, kept in ``_average``), reported once it holds one, the raw weights before."""
+
+    def __init__(self, params: Iterable[Parameter]) -> None:
+        self._params = _unique_params(params)
+        self._average = _new_buffers(self._params)
+        self.count = 0  # iterates in the average
+
+    @torch.no_grad()
+    def _add(self) -> None:
+        """Add the current parameters to the average."""
+        self.count += 1
+        _accumulate(self._average, _sources(self._params, self._average), self.count)
+
+    def reported_weights(self) -> ContextManager[None]:
+        """The average once it holds an iterate, else the raw weights."""
+        return averaged_weights(self._params, self._average) if self.count > 0 else contextlib.nullcontext()
+
+
+class TailAveraging(_EqualWeightAverage):
     """Tail Averaging, eq. 3.2: the raw weights for t < start_step, then (1/(t-s+1)) sum_{i=s..t} theta_i.
 
     params: the parameters to average. t counts ``update()`` calls (optimizer steps); theta_0 is the
@@ -511,17 +543,10 @@ class TailAveraging(Averager):
         if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
             raise ValueError(f"start_step must be a non-negative int, got {start_step!r}")
         self.start_step = start_step
-        self._params = _unique_params(params)
-        self._average = _new_buffers(self._params)  # mean of theta_s..theta_t once t >= s
+        super().__init__(params)  # the mean of theta_s..theta_t once t >= s: count = max(0, t - s + 1)
         self.step = 0  # t: optimizer steps seen
-        self.count = 0  # iterates in the average: max(0, t - s + 1)
         if start_step == 0:
             self._add()
-
-    @torch.no_grad()
-    def _add(self) -> None:
-        self.count += 1
-        _accumulate(self._average, _sources(self._params, self._average), self.count)
 
     def update(self) -> None:
         self.step += 1
@@ -537,9 +562,6 @@ class TailAveraging(Averager):
             raw_loss=None if averaging else loss, short_loss=None, long_loss=loss if averaging else None,
             short_length=0, long_length=self.count, event="none",
         )
-
-    def reported_weights(self) -> ContextManager[None]:
-        return averaged_weights(self._params, self._average) if self.count > 0 else contextlib.nullcontext()
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "tail", "start_step": self.start_step, "step": self.step, "count": self.count,
@@ -593,7 +615,7 @@ class ExponentialAveraging(Averager):
         self.step = int(state["step"])
 
 
-class NonMonotonicAveraging(Averager):
+class NonMonotonicAveraging(_EqualWeightAverage):
     """The averaging of NT-ASGD, non-monotonically triggered ASGD (Merity et al. 2017, Algorithm 1).
 
     params: the parameters to average. nonmono: n, the non-monotone interval.
@@ -621,21 +643,14 @@ class NonMonotonicAveraging(Averager):
         if isinstance(nonmono, bool) or not isinstance(nonmono, int) or nonmono < 1:
             raise ValueError(f"nonmono must be a positive int, got {nonmono!r}")
         self.nonmono = nonmono
-        self._params = _unique_params(params)
-        self._average = _new_buffers(self._params)  # mean of theta_T..theta_t once triggered
+        super().__init__(params)  # the mean of theta_T..theta_t once triggered: count = t - T + 1, else 0
         self.step = 0  # t: optimizer steps seen
         self.trigger_step: int | None = None  # T: the step whose evaluation triggered averaging
-        self.count = 0  # iterates in the average: t - T + 1 once triggered, else 0
         self.logs: list[float] = []  # raw validation losses of the evaluations before the trigger
 
     @property
     def triggered(self) -> bool:
         return self.trigger_step is not None
-
-    @torch.no_grad()
-    def _add(self) -> None:
-        self.count += 1
-        _accumulate(self._average, _sources(self._params, self._average), self.count)
 
     def update(self) -> None:
         self.step += 1
@@ -666,10 +681,6 @@ class NonMonotonicAveraging(Averager):
             loss=loss, source="raw", length=1, raw_loss=loss, short_loss=None, long_loss=None,
             short_length=0, long_length=self.count, event=event,
         )
-
-    def reported_weights(self) -> ContextManager[None]:
-        """The average once triggered, else the raw weights."""
-        return averaged_weights(self._params, self._average) if self.count > 0 else contextlib.nullcontext()
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": "nt_asgd", "nonmono": self.nonmono, "step": self.step,

@@ -27,6 +27,19 @@ def pipeline_env() -> dict[str, str]:
 PYTHON = sys.executable
 
 
+@pytest.fixture
+def one_thread():
+    """One torch intra-op thread for the test (tiny models: two threads fighting the other processes of a 2-core
+    machine are many times slower); the previous count is restored after. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ptb_char_dir(tmp_path_factory) -> Path:
     """Real PTB character-level data, tokenised once for the session."""

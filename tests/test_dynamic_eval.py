@@ -25,13 +25,7 @@ from pipeline.tasks.lm_dynamic_tuning import MAX_WINDOW, TABLE_2_6, evaluate_dyn
 V = 13
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is several times faster than two fighting over a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(seed: int = 0, **kw) -> RecurrentLM:

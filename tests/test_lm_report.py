@@ -34,13 +34,7 @@ OLD_METRICS = {"temperature", "valid_nll", "test_nll", "valid_nll_tuned_temperat
                "valid_bpc", "test_bpc", "valid_bpc_tuned_temperature", "test_bpc_tuned_temperature"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is several times faster than two fighting over a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_default_temperature_scan_covers_lamb_values():

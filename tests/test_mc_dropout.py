@@ -20,13 +20,7 @@ RATES = dict(input_dropout=0.2, state_dropout=0.3, cell_output_dropout=0.25, out
              weight_drop=0.5)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is several times faster than two fighting over a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(**rates) -> RecurrentLM:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models import RecurrentLM, detach_state
+from pipeline.averaging import restored_weights
 from pipeline.data import evaluation_windows
 
 __all__ = [
@@ -169,16 +170,9 @@ def gradient_statistics(model: RecurrentLM, train_tokens: np.ndarray, *, batch_s
 @contextlib.contextmanager
 def preserved_weights(model: nn.Module) -> Iterator[None]:
     """Run the block, then copy the weights the model had before back into its parameters (in place,
-    bit for bit), also when the block raises. The same idea as :func:`pipeline.averaging.averaged_weights`."""
-    params = _parameters(model)
-    with torch.no_grad():
-        backup = [p.detach().clone() for p in params]
-    try:
+    bit for bit), also when the block raises (:func:`pipeline.averaging.restored_weights` of its parameters)."""
+    with restored_weights(_parameters(model)):
         yield
-    finally:
-        with torch.no_grad():
-            for p, b in zip(params, backup):
-                p.copy_(b)
 
 
 def dynamic_evaluation_pass(
