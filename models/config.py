@@ -113,6 +113,18 @@ class ModelConfig(StrictConfig):
         description="AWD-LSTM weight drop (DropConnect) rate of the recurrent hidden-to-hidden matrices, one mask per "
         "layer per forward call (all time steps); in [0, 1). The Mogrifier matrices are not dropped.",
     )
+    cell_implementation: Literal["sequence", "autograd"] = Field(
+        default="sequence",
+        description="How lstm / rlstm layers are differentiated in training: sequence = one autograd node per layer "
+        "and window with a hand-derived backward through time (weight gradients as one matrix multiply over all "
+        "steps; models.bptt); autograd = the per-step reference that autograd differentiates (needed for double "
+        "backward / forward-mode AD). Same function, equal to rounding; gru / elman always use autograd.",
+    )
+    compile_cell_steps: bool = Field(
+        default=False,
+        description="With cell_implementation sequence: fuse each time step's pointwise work with torch.compile "
+        "(meant for GPUs, where a step is otherwise a dozen kernel launches; compiling takes seconds per process).",
+    )
     chrono_t_max: float | None = Field(
         default=None,
         description="Chrono init of the forget bias (gru: update gate), ln U(1, T_max - 1), T_max > 2; null = "

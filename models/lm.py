@@ -116,6 +116,8 @@ class RecurrentLM(nn.Module):
                 chrono_t_max=config.chrono_t_max,
                 forget_bias_init=config.forget_bias_init,
                 weight_drop=config.weight_drop,
+                implementation=config.cell_implementation,
+                compile_steps=config.compile_cell_steps,
             )
             for index in range(config.num_layers)
         )

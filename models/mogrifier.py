@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import math
 
+from typing import Literal
+
 import torch
 from torch import Tensor, nn
 
+from .bptt import SEQUENCE_CELLS, MogrifierParams, SequenceSpec, recurrent_sequence
 from .cells import ElmanCell, GRUCell, LSTMCell, RLSTMCell
+from .regularizers import drop_connect
 
-__all__ = ["CELL_TYPES", "Mogrifier", "RecurrentLayer"]
+__all__ = ["CELL_TYPES", "IMPLEMENTATIONS", "Mogrifier", "RecurrentLayer"]
 
 
 def _effective_rank(rank: int, in_features: int, out_features: int) -> int | None:
@@ -120,6 +124,7 @@ class Mogrifier(nn.Module):
 
 
 CELL_TYPES = ("lstm", "rlstm", "gru", "elman")
+IMPLEMENTATIONS = ("sequence", "autograd")
 
 
 class RecurrentLayer(nn.Module):
@@ -143,6 +148,17 @@ class RecurrentLayer(nn.Module):
     they are. Only the hidden-to-hidden weights are dropped: the Mogrifier matrices gate ``x`` and
     ``h`` before the cell (they are not recurrent transitions of the state) and stay untouched, as do
     the input weights and the RLSTM's within-step ``weight_fu`` / ``weight_oc``.
+
+    ``implementation``: ``"sequence"`` (default) runs LSTM and RLSTM layers, with or without a
+    Mogrifier, through :func:`models.bptt.recurrent_sequence` whenever a gradient is being recorded: the
+    whole window is one autograd node with a hand-derived backward through time and every weight
+    gradient one matrix multiply over all time steps. ``"autograd"`` always runs the per-step reference
+    below (autograd differentiates each step); it is what the sequence implementation is tested against,
+    and what double backward / forward-mode AD need. Without a gradient (evaluation, generation), under
+    CUDA autocast, for the GRU / Elman cells and for empty sequences both run the reference loop. The two
+    compute the same function; results agree to rounding. ``compile_steps`` (sequence only) runs the cells'
+    per-step pointwise work through ``torch.compile``: on a GPU a step is then a few kernel launches besides
+    its matrix multiplies; the first call in a process compiles (seconds).
     """
 
     def __init__(
@@ -156,8 +172,16 @@ class RecurrentLayer(nn.Module):
         chrono_t_max: float | None = None,
         forget_bias_init: float = 0.0,
         weight_drop: float = 0.0,
+        implementation: Literal["sequence", "autograd"] = "sequence",
+        compile_steps: bool = False,
     ) -> None:
         super().__init__()
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"unknown implementation {implementation!r}; expected one of {', '.join(map(repr, IMPLEMENTATIONS))}"
+            )
+        self.implementation = implementation
+        self.compile_steps = bool(compile_steps)
         if not 0.0 <= weight_drop < 1.0:  # also rejects NaN
             raise ValueError(f"weight_drop must be in [0, 1), got {weight_drop}")
         self.input_size = input_size
@@ -197,6 +221,8 @@ class RecurrentLayer(nn.Module):
             raise ValueError(f"inputs must be [T, B, {self.input_size}], got {tuple(inputs.shape)}")
         h, c = state
         seq_len = inputs.shape[0]
+        if self._use_sequence(inputs, h, c):
+            return self._forward_sequence(inputs, h, c, state_mask)
         # Weight drop: the recurrent matrix is dropped here, once, and bound into the step function.
         step = self.cell.make_step(self.weight_drop) if self.weight_drop > 0 and self.training else self.cell.make_step()
         outputs: list[Tensor] = [None] * seq_len  # type: ignore[list-item]
@@ -226,6 +252,35 @@ class RecurrentLayer(nn.Module):
         if seq_len == 0:
             return inputs.new_zeros(0, inputs.shape[1], self.hidden_size), (h, c)
         return torch.stack(outputs), (h, c)
+
+    def _use_sequence(self, inputs: Tensor, h: Tensor, c: Tensor) -> bool:
+        """Whether this call goes through the hand-derived backward (see the class docstring)."""
+        if self.implementation != "sequence" or self.cell_type not in SEQUENCE_CELLS or inputs.shape[0] == 0:
+            return False
+        if not torch.is_grad_enabled() or torch.is_autocast_enabled(inputs.device.type):
+            return False
+        return inputs.requires_grad or h.requires_grad or c.requires_grad or any(
+            p.requires_grad for p in self.parameters()
+        )
+
+    def _forward_sequence(
+        self, inputs: Tensor, h: Tensor, c: Tensor, state_mask: Tensor | None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        cell = self.cell
+        weight_hh = drop_connect(cell.weight_hh, self.weight_drop, self.training and self.weight_drop > 0)
+        extras = (cell.weight_fu, cell.weight_oc, cell.bias_o) if self.cell_type == "rlstm" else ()
+        mog = self.mogrifier
+        rounds = tuple(
+            (mog.lefts[r] if mog.low_rank else None, mog.rights[r] if mog.low_rank else mog.weights[r], mog.biases[r])
+            for r in range(mog.rounds)
+        )
+        spec = SequenceSpec(
+            self.cell_type, bool(getattr(cell, "capped_input_gate", True)), mog.rounds, self.compile_steps
+        )
+        outputs, h_last, c_last = recurrent_sequence(
+            spec, inputs, h, c, state_mask, cell.weight_ih, weight_hh, cell.bias, extras, MogrifierParams(rounds)
+        )
+        return outputs, (h_last, c_last)
 
     def extra_repr(self) -> str:
         return f"cell={self.cell_type!r}" + (f", weight_drop={self.weight_drop}" if self.weight_drop else "")

@@ -167,6 +167,19 @@ class TrainConfig(StrictConfig):
         default=1, ge=1, description="Split each rank's batch into this many micro-batches (same global batch, less memory)."
     )
     zero_stage: Literal[1, 2] = Field(default=1, description="deepspeed: ZeRO stage 1 (shards optimizer state) or 2 (also gradients).")
+    gradient_reduction: Literal["auto", "ddp", "flat"] = Field(
+        default="auto", description="ddp engine, several ranks: how gradients are averaged. flat = one all-reduce per "
+        "step of one gradient buffer that also carries the step's loss sums (one collective per step; a few % "
+        "faster than ddp on busy CPU cores; same weights); ddp = torch DDP, bucketed all-reduces overlapping "
+        "backward (for NCCL); auto = flat on CPU (gloo) unless the model has buffers (DDP broadcasts them), else ddp.",
+    )
+
+    @model_validator(mode="after")
+    def _reduction_of_the_engine(self) -> TrainConfig:
+        if self.engine == "deepspeed" and self.gradient_reduction == "flat":
+            raise ValueError("train.gradient_reduction flat is a ddp-engine option: DeepSpeed reduces gradients itself "
+                             "(use auto)")
+        return self
 
 
 class CheckpointConfig(StrictConfig):
@@ -194,6 +207,12 @@ class CheckpointConfig(StrictConfig):
     lease_ttl: float = Field(
         default=60.0, ge=1, description="Seconds without a heartbeat before another job may take over the checkpoint "
         "folder.",
+    )
+    async_save: bool = Field(
+        default=True, description="Save in the background: the state is copied to CPU memory at the step (one more "
+        "copy of model + optimizer + averages in RAM) and training goes on while it is written and committed; one "
+        "save in flight at most, the run's last save waits. false = training waits for every save. DeepSpeed "
+        "always saves synchronously.",
     )
 
 

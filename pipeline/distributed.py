@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 __all__ = [
     "DistContext",
+    "FlatGradients",
     "all_reduce_sum",
     "barrier",
     "broadcast_object",
@@ -142,6 +143,77 @@ def all_reduce_sum(ctx: DistContext, values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.cpu().tolist()
+
+
+class FlatGradients:
+    """Data-parallel gradient averaging with one all-reduce per optimizer step (gloo's alternative to DDP).
+
+    Every parameter's ``.grad`` is a view into one flat buffer, so backward accumulates straight into it
+    (micro-batches included) and :meth:`all_reduce` averages all of them over the ranks in a single
+    collective that also sums the step's few figures (loss, weights, tokens, metrics: float32 slots at the
+    end of the buffer), instead of DDP's bucketed all-reduces during backward plus a second collective for
+    the figures. On a CPU machine whose cores are all busy computing, overlapping the all-reduce with
+    backward gains nothing and every extra collective costs a scheduler wake-up and a wait for the slower
+    rank; with a sequence-level backward the gradients arrive at its end anyway.
+
+    Semantics are DDP's: the weights start equal (broadcast from rank 0, as DDP does), the gradient is the
+    mean over ranks, and every trainable parameter must get a gradient in every step (DDP without
+    ``find_unused_parameters``; an unused one would get a zero gradient here). Models with buffers need
+    DDP (it broadcasts them before every forward). The figures are summed in float32.
+    """
+
+    def __init__(self, ctx: DistContext, params, *, max_values: int = 32) -> None:
+        self.ctx = ctx
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise ValueError("no trainable parameters")
+        first = self.params[0]
+        if any(p.dtype != first.dtype or p.device != first.device for p in self.params):
+            raise ValueError("flat gradient reduction needs every trainable parameter in one dtype on one device")
+        self.numel = sum(p.numel() for p in self.params)
+        self.max_values = max_values
+        self.buffer = torch.zeros(self.numel + max_values, dtype=first.dtype, device=first.device)
+        self.views: list[torch.Tensor] = []
+        offset = 0
+        for p in self.params:
+            self.views.append(self.buffer[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+        if ctx.distributed:  # identical starting weights on every rank (DDP does the same broadcast)
+            with torch.no_grad():
+                flat = torch.cat([p.detach().reshape(-1) for p in self.params])
+                dist.broadcast(flat, src=0)
+                torch._foreach_copy_([p.detach() for p in self.params],
+                                     [v.view_as(p) for v, p in zip(flat.split([p.numel() for p in self.params]),
+                                                                   self.params)])
+        # No gradient is attached before the first step's zero_(): until then every .grad stays None, as after
+        # optimizer.zero_grad(set_to_none=True) (torch.distributed.checkpoint initialises an optimizer's state
+        # on load only when no parameter has a gradient).
+
+    def zero_(self) -> None:
+        """Zero every gradient, making each ``.grad`` (again) its view into the buffer (at a step's start)."""
+        self.buffer.zero_()
+        for p, view in zip(self.params, self.views):
+            if p.grad is not view:
+                p.grad = view
+
+    def all_reduce(self, values: list[float]) -> list[float]:
+        """Average the gradients over the ranks and return ``values`` summed over the ranks (one collective)."""
+        for p, view in zip(self.params, self.views):
+            if p.grad is not view:  # replaced by something outside backward: take its values back into the buffer
+                with torch.no_grad():
+                    view.copy_(p.grad if p.grad is not None else torch.zeros_like(view))
+                p.grad = view
+        if not self.ctx.distributed:
+            return list(values)
+        if len(values) > self.max_values:  # more figures than slots: a second (float64) collective for them
+            dist.all_reduce(self.buffer[: self.numel], op=dist.ReduceOp.SUM)
+            self.buffer[: self.numel].div_(self.ctx.world_size)
+            return all_reduce_sum(self.ctx, values)
+        end = self.numel + len(values)
+        self.buffer[self.numel : end].copy_(torch.tensor(values, dtype=torch.float64))
+        dist.all_reduce(self.buffer[:end], op=dist.ReduceOp.SUM)
+        self.buffer[: self.numel].div_(self.ctx.world_size)
+        return self.buffer[self.numel : end].tolist()
 
 
 def gather_objects(ctx: DistContext, obj: Any) -> list[Any]:

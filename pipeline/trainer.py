@@ -12,6 +12,8 @@ One optimizer step:
 1. per micro-batch (``grad_accum_steps`` slices of the rank's batch): the task's loss (LM:
    multi-sample dropout objective, thesis §4.3; VAE: the estimator's decoder + encoder surrogate) +
    optional L2 penalty, backward (DDP syncs on the last micro-batch);
+   then the step's loss sums are all-reduced (with ``train.gradient_reduction`` flat, the default on CPU,
+   together with the gradients: one collective per step, see :class:`pipeline.distributed.FlatGradients`);
 2. clip the gradient norm; a divergence - a non-finite loss or gradient norm, or a loss above
    ``divergence_loss_factor`` times its lowest smoothed value (the same decision on every rank) -
    reloads the best checkpoint (by the reported validation loss) and multiplies the learning rate
@@ -22,7 +24,10 @@ One optimizer step:
 4. every ``eval_every`` steps the averager evaluates raw / short / long weights on the task's
    validation loss (each rank scores a shard, the sums are all-reduced: one consistent decision) and
    adapts (thesis Algorithm 2); every ``checkpoint_interval`` steps a checkpoint is committed (DCP
-   through fsspec, see :mod:`pipeline.checkpoint.protocol`: digests, commit record, failed saves).
+   through fsspec, see :mod:`pipeline.checkpoint.protocol`: digests, commit record, failed saves),
+   in the background with ``checkpoint.async_save`` (:mod:`pipeline.checkpoint.async_save`: the state
+   is copied to CPU memory at the step, one save in flight; a restore, the run's last save, the final
+   model and the trainer's ``close`` wait for it first).
 
 Everything needed to continue bit-exactly is checkpointed: model, optimizer, averager, data
 position, the task's state (LM: per-rank carried hidden state; VAE: annealing / γ / phase), per-rank
@@ -47,7 +52,7 @@ from pipeline.averaging import AveragingReport
 from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.console import progress
 from pipeline.data import load_manifest
-from pipeline.distributed import DistContext, all_reduce_sum, gather_objects, on_main
+from pipeline.distributed import DistContext, FlatGradients, all_reduce_sum, gather_objects, on_main
 from pipeline.divergence import DivergenceGuard
 from pipeline.final_model import FINAL_MODEL_FILE, final_model_step, publish_final_model, save_final_model
 from pipeline.tasks import MicroBatchLoss, TrainingTask, build_task
@@ -129,13 +134,16 @@ class Trainer(TrainerCheckpoints):
     The DDP engine (and a single process). Engines differ only in a few hooks, which
     :class:`pipeline.deepspeed_engine.DeepSpeedTrainer` overrides: ``_setup_engine`` (wrap the model,
     build the optimizer), ``_open_checkpointer``, ``_autocast``, ``_zero_grad`` /
-    ``_accumulation_context`` / ``_backward`` / ``_gradient_norm`` / ``_optimizer_step`` (one
+    ``_accumulation_context`` / ``_backward`` / ``_reduce_step`` / ``_gradient_norm`` / ``_optimizer_step`` (one
     optimizer step over ``grad_accum_steps`` micro-batches), ``save_checkpoint`` / ``restore``
     (sharing ``_progress_state``, ``_per_rank_state``, ``_load_progress``, ``_load_per_rank_state``)
     and ``close``.
     """
 
     engine_name = "ddp"
+    # Several gloo ranks with train.gradient_reduction flat (auto on CPU): the gradients live in one buffer
+    # reduced by one all-reduce per step (pipeline.distributed.FlatGradients) instead of a DDP wrapper.
+    flat_gradients: FlatGradients | None = None
 
     def __init__(self, config: PipelineConfig, tracker=None, ctx: DistContext | None = None) -> None:
         self.config = config
@@ -158,6 +166,7 @@ class Trainer(TrainerCheckpoints):
         self._setup_engine()
         self.averager = build_averager(self.model, cfg)
         self.checkpointer = self._open_checkpointer()
+        self.background_saves = self._open_background_saves()
         self.step = 0
         self.lr_scale = 1.0
         self.divergence_restarts = 0
@@ -176,19 +185,42 @@ class Trainer(TrainerCheckpoints):
         """Different dropout masks per rank, reproducible per (seed, rank)."""
         torch.manual_seed(self.train_cfg.seed + 1_000_003 * self.ctx.rank)
 
+    def _gradient_reduction(self) -> str | None:
+        """How this job averages gradients over its ranks: ``flat``, ``ddp``, or None (a world of one)."""
+        if not self.ctx.distributed:
+            return None
+        chosen = self.train_cfg.gradient_reduction
+        has_buffers = next(self.model.buffers(), None) is not None
+        if chosen == "auto":
+            return "flat" if self.ctx.backend == "gloo" and not has_buffers else "ddp"
+        if chosen == "flat" and has_buffers:
+            raise ValueError("train.gradient_reduction flat: this model has buffers, which only DDP keeps equal on "
+                             "every rank (it broadcasts them before each forward); use ddp or auto")
+        return chosen
+
     def _setup_engine(self) -> None:
         """Wrap ``self.model`` for training (``self.forward_module``) and build ``self.optimizer``."""
-        if self.ctx.distributed:
+        reduction = self._gradient_reduction()
+        if reduction == "flat":
+            self.flat_gradients = FlatGradients(self.ctx, self.model.parameters())
+        elif reduction == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
             self.forward_module = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
+        if self.ctx.is_main and reduction is not None:
+            log.debug("gradients averaged over %d ranks by %s", self.ctx.world_size,
+                      "one flat all-reduce per step" if reduction == "flat" else "DDP")
         self._seed_rank()
         self.optimizer = build_optimizer(self.model, self.train_cfg)
 
     def close(self) -> None:
-        """Release what the engine holds (DDP's reducer holds the process group)."""
+        """Wait for a background checkpoint save in flight (training stopped on a request or an error: the
+        save still commits; its failure is logged), then release what the engine holds (DDP's reducer
+        holds the process group)."""
+        if self.background_saves is not None:
+            self.background_saves.close()
         self.forward_module = self.model
 
     # ----------------------------------------------------------------------------- state
@@ -211,11 +243,15 @@ class Trainer(TrainerCheckpoints):
         return self.optimizer.param_groups[0]["lr"]
 
     # One optimizer step over grad_accum_steps micro-batches: _zero_grad, then per micro-batch
-    # (inside _accumulation_context) forward + _backward(objective), then _gradient_norm and, when
-    # the loss and the norm are finite, _optimizer_step.
+    # (inside _accumulation_context) forward + _backward(objective), then _reduce_step (the step's
+    # figures over the ranks; flat reduction: the gradients too), _gradient_norm and, when the loss and
+    # the norm are finite, _optimizer_step.
 
     def _zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.flat_gradients is not None:
+            self.flat_gradients.zero_()  # the gradients stay views into the one buffer all-reduced
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
 
     def _accumulation_context(self, micro_step: int):
         """DDP all-reduces gradients on the last micro-batch only."""
@@ -234,6 +270,13 @@ class Trainer(TrainerCheckpoints):
 
     def _backward(self, objective: torch.Tensor) -> None:
         objective.backward()
+
+    def _reduce_step(self, values: list[float]) -> list[float]:
+        """``values`` summed over the ranks; with flat gradient reduction the same all-reduce averages the
+        gradients (DDP and DeepSpeed averaged them during backward)."""
+        if self.flat_gradients is not None:
+            return self.flat_gradients.all_reduce(values)
+        return all_reduce_sum(self.ctx, values)
 
     def _gradient_norm(self) -> float:
         """Clip the accumulated gradient; returns its norm before clipping."""
@@ -268,7 +311,6 @@ class Trainer(TrainerCheckpoints):
                     part = task.micro_batch_loss(self.forward_module, batch, m, micro)
                 self._backward(self._objective(part.objective))
             parts.append(part)
-        grad_norm = self._gradient_norm()
         if parts[0].weight is None:  # every micro-batch (and rank) counts the same: the mean of the means
             local_loss, local_weight = float(torch.stack([part.value for part in parts]).mean()), 1.0
         else:  # weighted by what the value is per (tokens): the global per-token figure, whatever the split
@@ -276,7 +318,8 @@ class Trainer(TrainerCheckpoints):
             local_weight = sum(float(part.weight) for part in parts)
         names = sorted(parts[0].metrics)
         local_metrics = [float(torch.stack([part.metrics[name].float() for part in parts]).mean()) for name in names]
-        totals = all_reduce_sum(self.ctx, [local_loss, local_weight, float(task.batch_tokens(batch)), *local_metrics])
+        totals = self._reduce_step([local_loss, local_weight, float(task.batch_tokens(batch)), *local_metrics])
+        grad_norm = self._gradient_norm()  # of the averaged gradient (flat reduction: averaged just above)
         loss_value = totals[0] / totals[1]
         self._batch_tokens = totals[2] / self.ctx.world_size  # per rank: tokens/s is summed over ranks below
         self._step_metrics = {name: value / self.ctx.world_size for name, value in zip(names, totals[3:])}
@@ -319,7 +362,7 @@ class Trainer(TrainerCheckpoints):
         if not resumed:
             self._apply_lr()
             self.train_log.truncate_after(0)  # a log left by an earlier run whose checkpoints are gone
-            self.save_checkpoint()  # step 0: divergence recovery always has somewhere to go back to
+            self.checkpoint_step()  # step 0: divergence recovery always has somewhere to go back to
         elif self.step >= cfg.max_steps and self._final_model_saved():
             return self._nothing_to_do()
         if self.tracker is not None:
@@ -389,7 +432,7 @@ class Trainer(TrainerCheckpoints):
                 window_start += time.perf_counter() - eval_started  # keep tokens/s a training-only figure
             if self.step % self.config.checkpoint_interval == 0 or self.step == cfg.max_steps:
                 ckpt_started = time.perf_counter()
-                self.save_checkpoint(final=self.step == cfg.max_steps)
+                self.checkpoint_step(final=self.step == cfg.max_steps)
                 window_start += time.perf_counter() - ckpt_started
         return self.finish()
 
@@ -448,7 +491,9 @@ class Trainer(TrainerCheckpoints):
             report_evaluation(self, report)
 
     def finish(self) -> TrainResult:
-        """Save the reported (2TA long-average, or raw while better) weights as the final model (rank 0)."""
+        """Save the reported (2TA long-average, or raw while better) weights as the final model (rank 0), once
+        every checkpoint has committed."""
+        self.wait_for_checkpoint()
         path = self.config.run_dir / FINAL_MODEL_FILE
         report = self.last_report
         if self.ctx.is_main:

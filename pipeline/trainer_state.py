@@ -28,7 +28,7 @@ from pipeline.averaging import (
     TailAveraging,
     TwoTailedAveraging,
 )
-from pipeline.checkpoint import CheckpointInfo, DCPCheckpointer, RetryPolicy
+from pipeline.checkpoint import BackgroundSaver, CheckpointInfo, DCPCheckpointer, RetryPolicy
 from pipeline.config import TrainConfig
 from pipeline.errors import EXIT_DIVERGED, PipelineError
 from pipeline.train_log import TRAIN_LOG_FILE
@@ -80,6 +80,8 @@ class TrainerCheckpoints:
     # The learning-rate factor of the current step's batch (variable BPTT: window / bptt; else 1), see
     # _set_step_lr. Not checkpointed: every step sets it from its own batch before the optimizer steps.
     _step_lr_factor: float = 1.0
+    # checkpoint.async_save's saver (None: every save is synchronous); see _open_background_saves.
+    background_saves: BackgroundSaver | None = None
 
     def _retry_policy(self) -> RetryPolicy:
         ck = self.config.checkpoint
@@ -164,9 +166,41 @@ class TrainerCheckpoints:
         return {"step": self.step, "loss": self.last_report.loss if evaluated_now else None,
                 "engine": self.engine_name, "time": time.time(), "optimizer_state": self._has_optimizer_state()}
 
+    def _open_background_saves(self) -> BackgroundSaver | None:
+        """The saver of background checkpoints (``checkpoint.async_save``, DCP engine; collective under
+        torchrun: it creates its own process group). None: every save is synchronous (switched off, or the
+        DeepSpeed engine, whose ``save_checkpoint`` writes from the engine's live state)."""
+        if not self.config.checkpoint.async_save or not isinstance(self.checkpointer, DCPCheckpointer):
+            return None
+        return BackgroundSaver(self.ctx)
+
+    def checkpoint_step(self, *, final: bool = False) -> None:
+        """Checkpoint this step (collective). With background saves the state is copied to CPU memory here and
+        committed (then old checkpoints pruned) while training goes on; the run's ``final`` save, and every
+        save without them, is committed before this returns (:meth:`save_checkpoint`)."""
+        saver = self.background_saves
+        if saver is None or final:
+            self.save_checkpoint(final=final)
+            return
+        ck = self.config.checkpoint
+        saver.save(self.checkpointer, self.step, self._dcp_state(), self._per_rank_state(), self._checkpoint_meta(),
+                   keep_last=ck.keep_last, keep_best=ck.keep_best)
+        log.debug("checkpoint of step %d staged in %.3f s; committing in the background", self.step, saver.stall_s)
+
+    def wait_for_checkpoint(self) -> None:
+        """Block until the background save in flight, if any, has finished (every rank waits for its own part:
+        the ranks' saves agree with each other on their own process group). Raises here what it raised:
+        :class:`~pipeline.checkpoint.CheckpointSaveFailed` when saves kept failing, as a synchronous save would
+        have, with the same exit code."""
+        if self.background_saves is not None and self.background_saves.in_flight:
+            self.background_saves.wait()
+            log.debug("background checkpoint save finished in %.3f s", self.background_saves.save_s or 0.0)
+
     def save_checkpoint(self, *, final: bool = False) -> None:
-        """Commit a checkpoint of this step (collective), then prune old ones. ``final``: the run's last save,
-        which must succeed (:class:`~pipeline.checkpoint.CheckpointSaveFailed` otherwise)."""
+        """Commit a checkpoint of this step before returning (collective), after the background save in flight;
+        then prune old ones. ``final``: the run's last save, which must succeed
+        (:class:`~pipeline.checkpoint.CheckpointSaveFailed` otherwise)."""
+        self.wait_for_checkpoint()
         saved = self.checkpointer.save(self.step, self._dcp_state(), self._per_rank_state(), self._checkpoint_meta(),
                                        final=final)
         if saved is not None:
@@ -174,7 +208,10 @@ class TrainerCheckpoints:
 
     def restore(self, *, prefer: str = "newest", keep_lr_scale: bool = False) -> CheckpointInfo | None:
         """Load the newest (``prefer="best"``: lowest reported validation loss) loadable checkpoint, the same
-        on all ranks. Returns it, or None when there is none (raises when some exist but none loads)."""
+        on all ranks, once the background save in flight has committed (a divergence goes back to the best
+        checkpoint, which may be the one being written). Returns it, or None when there is none (raises when
+        some exist but none loads)."""
+        self.wait_for_checkpoint()
         templates: dict[str, dict[str, Any]] = {}
 
         def template_for(info: CheckpointInfo) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """benchmarks/reverse_copy.py and benchmarks/averaging_ptb.py: the --smoke runs train, print their tables and
-checks, and write their files; the pieces they are built from behave as documented."""
+checks, and write their files; the pieces they are built from behave as documented. benchmarks/tokenise_throughput.py:
+a run on tiny files prints both layouts and the verdicts."""
 
 from __future__ import annotations
 
@@ -141,3 +142,39 @@ def test_averaging_smoke_prints_the_tables_and_writes_csv_and_plots(tmp_path, ca
         assert row["two_tailed_source"] in ("raw", "long")
     assert table[0]["tail_10"] == table[0]["raw"]  # TA from step 10: the raw weights before
     assert _is_png(tmp_path / "averaging_ptb_loss.png") and _is_png(tmp_path / "averaging_ptb_lengths.png")
+
+
+# ------------------------------------------------------------------------------------------------ tokenise throughput
+
+
+def test_tokenise_throughput_on_tiny_files_prints_both_layouts_and_verdicts(capsys) -> None:
+    bench = _load("tokenise_throughput")
+    start = time.perf_counter()
+    assert bench.main(["--size-mb", "0.3", "--repeats", "2"]) == 0
+    assert time.perf_counter() - start < 5
+    out = capsys.readouterr().out
+    assert "0.3 MB members, median of 2 repeats" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("enwik8", "text8"))}
+    assert set(rows) == {"enwik8", "text8"}
+    for row in rows.values():  # zip MB, prepare s, prepare MB/s, CPU s, unzip MB/s, sha256 MB/s, ratio
+        assert len(row) == 8 and all(math.isfinite(float(v)) and float(v) >= 0 for v in row[1:])
+        assert float(row[3]) > 0 and float(row[5]) > 0
+    assert "target: prepare >= 200 MB/s" in out
+    verdicts = {line.split()[0]: line.split()[1] for line in out.splitlines() if line.startswith("  ")}
+    assert verdicts.keys() == {"enwik8", "text8"} and set(verdicts.values()) <= {"PASS", "FAIL"}
+    temporary = Path(out.split("(temporary: ", 1)[1].split(")", 1)[0])
+    assert not temporary.exists()  # the synthetic files and outputs are gone
+
+
+def test_cell_throughput_smoke_checks_the_sequence_path_and_prints_targets(capsys) -> None:
+    """Tiny sizes: the float64 check against the autograd reference passes and every case, the peak-memory
+    column and the three targets are printed."""
+    bench = _load("cell_throughput")
+    code = bench.main(["--hidden", "8", "--batch", "2", "--seq-len", "3", "--repeats", "1", "--warmup", "0",
+                       "--mogrifier-rank", "2", "--check", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert code == 0 and "check passed" in out
+    for name in ("torch.nn.LSTM", "LSTM [sequence]", "RLSTM [autograd]", "Mogrifier RLSTM (r=5, k=2) [sequence]"):
+        assert name in out
+    assert "peak B/token" in out and "RLSTM time <= 1.15x our LSTM time" in out
+    assert "LSTM tokens/s >= 0.95x" in out and "Mogrifier LSTM tokens/s >= 0.75x" in out

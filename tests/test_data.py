@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import io
@@ -369,6 +370,205 @@ def test_missing_local_source(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"not found.*nope/enwik8\.zip"):
         prepare_dataset("enwik8", str(missing), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# streamed prepare of the single-stream corpora: same bytes as the plain way, same checks
+
+
+TEXT8_ALPHABET = b" abcdefghijklmnopqrstuvwxyz"
+
+
+@functools.lru_cache(maxsize=4)
+def reference_files(name: str, data: bytes) -> dict[str, bytes]:
+    """What the prepare stage must write for member ``data``, computed the straightforward way: the
+    whole member, sliced 90/5/5, mapped byte by byte through a dict, saved with np.save."""
+    table = {c: i for i, c in enumerate(TEXT8_ALPHABET)} if name == "text8" else {c: c for c in range(256)}
+    vocab = [chr(c) for c in TEXT8_ALPHABET] if name == "text8" else [chr(i) for i in range(256)]
+    n = len(data)
+    n_train, n_valid = n * 90 // 100, n * 5 // 100
+    parts = {"train": data[:n_train], "valid": data[n_train : n_train + n_valid], "test": data[n_train + n_valid :]}
+    files = {"vocab.json": json.dumps(vocab).encode()}
+    for split, part in parts.items():
+        saved = io.BytesIO()
+        np.save(saved, np.array([table[c] for c in part], dtype=np.uint8))
+        files[f"{split}.npy"] = saved.getvalue()
+    return files
+
+
+def assert_matches_reference(out: Path, name: str, data: bytes, manifest: DatasetManifest) -> None:
+    expected = reference_files(name, data)
+    written = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "manifest.json"}
+    assert written.keys() == expected.keys()
+    for file, content in expected.items():
+        assert written[file] == content, file
+    for split, info in manifest.splits.items():
+        assert info.sha256 == sha(expected[info.file]) and info.num_tokens == len(np.load(io.BytesIO(expected[info.file])))
+    assert verify_prepared(out) == manifest
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Stream in pieces of a few hundred bytes so that reads, inflate pieces and split boundaries
+    fall at every kind of offset relative to each other."""
+    from pipeline.data import streaming
+
+    monkeypatch.setattr(streaming, "STREAM_READ", 257)
+    monkeypatch.setattr(streaming, "STREAM_PIECE_MAX", 389)
+
+
+@pytest.mark.parametrize("name", ["enwik8", "text8"])
+@pytest.mark.parametrize("compression", [zipfile.ZIP_DEFLATED, zipfile.ZIP_STORED])
+def test_streamed_splits_match_the_reference(tmp_path: Path, small_chunks, name: str, compression: int) -> None:
+    data = enwik8_bytes(20_011) if name == "enwik8" else text8_bytes(20_011)
+    with zipfile.ZipFile(tmp_path / f"{name}.zip", "w", compression=compression) as zf:
+        zf.writestr("README", b"another member first: the member is found by name, not position")
+        zf.writestr(f"data/{name}", data)
+    archive = tmp_path / f"{name}.zip"
+    out = tmp_path / "out"
+    manifest = prepare_dataset(name, str(archive), out, expected=facts_for(archive, name, data), progress=False)
+    assert_matches_reference(out, name, data, manifest)
+    assert manifest.source_sha256 == sha(archive.read_bytes())
+    assert leftovers(tmp_path) == []
+
+
+def test_streamed_splits_at_full_chunk_sizes_and_other_layouts(tmp_path: Path, mem_root: str) -> None:
+    """Default chunk sizes; a plain file, a tar.gz, a gzipped member and a download give the same files."""
+    data = text8_bytes((1 << 20) + (1 << 19) + 17)  # more than one read
+    zipped = make_zip(tmp_path / "text8.zip", "text8", data)
+    manifest = prepare_dataset("text8", str(zipped), tmp_path / "zip", expected=facts_for(zipped, "text8", data),
+                               progress=False)
+    assert_matches_reference(tmp_path / "zip", "text8", data, manifest)
+
+    plain = tmp_path / "plain" / "text8"
+    plain.parent.mkdir()
+    plain.write_bytes(data)
+    member_facts = SourceFacts(members={"text8": FileFacts(len(data), sha(data))})
+    others = {"plain": str(plain), "tgz": str(tmp_path / "text8.tgz"), "gz_member": str(tmp_path / "gz.zip")}
+    with tarfile.open(others["tgz"], "w:gz") as tf:
+        info = tarfile.TarInfo("text8/text8")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    make_zip(Path(others["gz_member"]), "text8.gz", gzip.compress(data, compresslevel=1))
+    url = f"{mem_root}/text8.zip"
+    fsspec.filesystem("memory").pipe(url, zipped.read_bytes())
+    others["download"] = url
+    for kind, source in others.items():
+        out = tmp_path / f"out-{kind}"
+        manifest = prepare_dataset("text8", source, out, expected=member_facts, progress=False,
+                                   cache_dir=tmp_path / "cache")
+        assert_matches_reference(out, "text8", data, manifest)
+    assert leftovers(tmp_path) == []
+
+
+def test_npy_header_is_what_np_save_writes() -> None:
+    from pipeline.data.prepare import npy_header
+
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        for length in (0, 2, 4003, 90_000_000, 10**12):
+            saved = io.BytesIO()
+            np.save(saved, np.lib.stride_tricks.as_strided(np.zeros(1, dtype=dtype), shape=(length,), strides=(0,))
+                    if length <= 4003 else np.zeros(0, dtype=dtype))
+            header = npy_header(np.dtype(dtype), length)
+            if length <= 4003:
+                assert saved.getvalue()[: len(header)] == header
+            stream = io.BytesIO(header)
+            assert np.lib.format.read_magic(stream) == (1, 0)
+            assert np.lib.format.read_array_header_1_0(stream) == ((length,), False, np.dtype(dtype))
+            assert stream.tell() == len(header) and len(header) % 64 == 0
+
+
+def test_text8_bad_character_offset_across_chunks(tmp_path: Path, small_chunks) -> None:
+    data = bytearray(text8_bytes(9_000))
+    data[5_000] = ord("Q")
+    data[8_999] = ord("!")
+    archive = make_zip(tmp_path / "text8.zip", "text8", bytes(data))
+    with pytest.raises(DataError, match=r"'Q' \(byte 0x51\) at offset 5,000 \(2 such bytes in all\)"):
+        prepare_dataset("text8", str(archive), tmp_path / "out", verify_source=False, progress=False)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def _flip(path: Path, offset: int) -> bytes:
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    return bytes(raw)
+
+
+def test_corruption_late_in_the_stream_is_reported_and_leaves_no_output(tmp_path: Path, small_chunks) -> None:
+    """A damaged byte near the end of a stored member: train.npy is written by then; nothing of it stays."""
+    data = enwik8_bytes(20_000)
+    archive = make_zip(tmp_path / "enwik8.zip", "enwik8", data, compression=zipfile.ZIP_STORED)
+    facts = facts_for(archive, "enwik8", data)
+    out = tmp_path / "enwik8"
+    prepare_dataset("enwik8", str(archive), out, expected=facts, progress=False)  # a good previous output
+    before = mtimes(out)
+    damaged = _flip(archive, len(archive.read_bytes()) - 200)  # in the test split's bytes
+
+    # The archive's sha256 is known: that is what is reported.
+    with pytest.raises(DataError) as err:
+        prepare_dataset("enwik8", str(archive), out, expected=facts, force=True, progress=False)
+    assert "checksum mismatch" in str(err.value) and sha(damaged) in str(err.value) and str(archive) in str(err.value)
+    # Only the member's sha256 is known (as for the canonical enwik8).
+    member_only = SourceFacts(members=facts.members)
+    with pytest.raises(DataError, match=r"checksum mismatch for member 'enwik8' of .*enwik8\.zip:enwik8"):
+        prepare_dataset("enwik8", str(archive), out, expected=member_only, force=True, progress=False)
+    # No sha256 at all: the zip's CRC-32 catches it.
+    with pytest.raises(DataError, match=r"enwik8\.zip is corrupt or truncated .*Bad CRC-32 for file 'enwik8'"):
+        prepare_dataset("enwik8", str(archive), out, verify_source=False, force=True, progress=False)
+
+    assert mtimes(out) == before and verify_prepared(out)  # the previous output is untouched
+    assert archive.read_bytes() == damaged  # the source is left as it is
+    assert leftovers(tmp_path) == []
+    with pytest.raises(DataError, match="checksum mismatch"):  # a fresh folder is not created either
+        prepare_dataset("enwik8", str(archive), tmp_path / "fresh", expected=facts, progress=False)
+    assert not (tmp_path / "fresh").exists() and leftovers(tmp_path) == []
+
+
+def test_truncated_deflate_stream_and_wrong_declared_size(tmp_path: Path) -> None:
+    data = text8_bytes(30_000)
+    archive = make_zip(tmp_path / "text8.zip", "text8", data)
+    raw = archive.read_bytes()
+    with zipfile.ZipFile(archive) as zf:
+        info = zf.getinfo("text8")
+    # The central directory says the deflate stream is shorter than it is: it ends without its end marker.
+    short = bytearray(raw)
+    directory = raw.rindex(b"PK\x01\x02")
+    short[directory + 20 : directory + 24] = (info.compress_size // 2).to_bytes(4, "little")
+    (tmp_path / "short.zip").write_bytes(bytes(short))
+    with pytest.raises(DataError, match=r"short\.zip is corrupt or truncated .*end-of-stream"):
+        prepare_dataset("text8", str(tmp_path / "short.zip"), tmp_path / "out", verify_source=False, progress=False)
+    # The central directory understates the member's size: more comes out than it says.
+    small = bytearray(raw)
+    small[directory + 24 : directory + 28] = (len(data) - 1000).to_bytes(4, "little")
+    (tmp_path / "small.zip").write_bytes(bytes(small))
+    with pytest.raises(DataError, match=r"small\.zip is corrupt or truncated .*more than the 29,000 bytes"):
+        prepare_dataset("text8", str(tmp_path / "small.zip"), tmp_path / "out", verify_source=False, progress=False)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_a_failing_writer_stops_the_stream_threads(tmp_path: Path, small_chunks, monkeypatch) -> None:
+    import threading
+
+    from pipeline.data import prepare as prepare_module
+
+    data = enwik8_bytes(20_000)
+    archive = make_zip(tmp_path / "enwik8.zip", "enwik8", data)
+    calls = []
+
+    def write(self, ids) -> None:
+        calls.append(len(ids))
+        if len(calls) == 5:
+            raise OSError(28, "No space left on device")
+        original_write(self, ids)
+
+    original_write = prepare_module._SplitFiles.write
+    monkeypatch.setattr(prepare_module._SplitFiles, "write", write)
+    threads_before = threading.active_count()
+    with pytest.raises(OSError, match="No space left"):
+        prepare_dataset("enwik8", str(archive), tmp_path / "out", verify_source=False, progress=False)
+    assert len(calls) == 5 and threading.active_count() == threads_before  # reader and digest threads ended
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
 # ----------------------------------------------------------------------------------------------

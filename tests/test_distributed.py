@@ -1,4 +1,5 @@
-"""Real torchrun (2 gloo processes) with checkpoints on a real S3 API (moto): exact resume after kill -9."""
+"""Real torchrun (2 gloo processes) with checkpoints on a real S3 API (moto): exact resume after kill -9; the flat
+gradient all-reduce (the CPU default) trains the same weights as DDP."""
 
 from __future__ import annotations
 
@@ -78,15 +79,22 @@ def _kill_job(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, ptb_char_dir, s3_endpoint):
-    """An uninterrupted 2-process run: its per-step losses are what every resumed run must reproduce."""
+def reference_run(tmp_path_factory, ptb_char_dir, s3_endpoint) -> Path:
+    """An uninterrupted 2-process run (default gradient reduction: flat on gloo); returns its run folder."""
     tmp_path = tmp_path_factory.mktemp("reference")
     url = f"s3://checkpoints/reference-{uuid.uuid4().hex[:8]}"
     config = _config(tmp_path, ptb_char_dir, "run", url)
-    proc = subprocess.run(_torchrun(config), cwd=tmp_path, env=_env(s3_endpoint), capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([*_torchrun(config), "--log-level", "DEBUG"], cwd=tmp_path, env=_env(s3_endpoint),
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    losses = _losses(tmp_path / "run")
+    assert "gradients averaged over 2 ranks by one flat all-reduce per step" in proc.stderr
+    return tmp_path / "run"
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run):
+    """The uninterrupted run's per-step losses: what every resumed run must reproduce."""
+    losses = _losses(reference_run)
     assert sorted(losses) == list(range(1, STEPS + 1))
     return losses
 
@@ -101,6 +109,99 @@ def test_ddp_matches_a_single_process_run(reference, tmp_path, ptb_char_dir, s3_
     # Step 1 sees the same data and weights; dropout masks differ per rank, so allow a small gap.
     assert abs(single[1] - reference[1]) < 0.05
     assert abs(single[STEPS] - reference[STEPS]) < 0.25
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_flat_gradient_reduction_trains_the_same_weights_as_ddp(reference_run, tmp_path, ptb_char_dir, s3_endpoint):
+    """One flat all-reduce of gradients + loss sums per step (FlatGradients) vs torch DDP's bucketed all-reduce:
+    the same averaged gradient bit for bit (DDP halves each rank's gradient, flat halves their sum: both exact),
+    hence the same gradient norms, 2TA decisions and weights; the logged loss differs only by the float32 sum."""
+    import torch
+
+    config = _config(tmp_path, ptb_char_dir, "ddp", f"s3://checkpoints/ddp-{uuid.uuid4().hex[:8]}",
+                     gradient_reduction="ddp")
+    proc = subprocess.run([*_torchrun(config), "--log-level", "DEBUG"], cwd=tmp_path, env=_env(s3_endpoint),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "gradients averaged over 2 ranks by DDP" in proc.stderr
+    flat, ddp = _records(reference_run), _records(tmp_path / "ddp")
+    assert [r["step"] for r in flat] == [r["step"] for r in ddp]
+    for a, b in zip(flat, ddp):
+        if "loss" in a:
+            assert a["grad_norm"] == b["grad_norm"] and a["lr"] == b["lr"], (a, b)
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+        else:
+            assert a["eval"] == b["eval"]
+    weights = [torch.load(run / "final_model.pt", map_location="cpu", weights_only=False)["state_dict"]
+               for run in (reference_run, tmp_path / "ddp")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def _flat_gradients_rank(rank: int, store_path: str, out: str) -> None:
+    """One of two gloo ranks (spawned): FlatGradients against a hand-computed mean."""
+    import torch
+    import torch.distributed as dist
+
+    from pipeline.distributed import DistContext, FlatGradients
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    try:
+        ctx = DistContext(rank=rank, world_size=2, backend="gloo")
+        torch.manual_seed(rank)  # different weights per rank: the constructor makes them rank 0's
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        flat = FlatGradients(ctx, model.parameters(), max_values=4)
+        assert all(p.grad is None for p in model.parameters())  # nothing attached before the first step
+        results = {"weights": [p.detach().clone() for p in model.parameters()]}
+        for step in range(2):
+            flat.zero_()
+            for micro in range(2):  # accumulation into the buffer
+                x = torch.full((5, 3), float(1 + rank + micro + step))
+                model(x).pow(2).sum().backward()
+            if step == 1:  # a gradient replaced outside backward is taken back into the buffer
+                model[0].bias.grad = model[0].bias.grad.clone() * 2
+            local = [p.grad.clone() for p in model.parameters()]
+            values = [1.5 + rank, 2.0] if step == 0 else [float(i + rank) for i in range(6)]  # 6 > max_values
+            summed = flat.all_reduce(values)
+            results[f"local{step}"] = local
+            results[f"reduced{step}"] = [p.grad.clone() for p in model.parameters()]
+            results[f"values{step}"] = summed
+            assert all(p.grad.data_ptr() >= flat.buffer.data_ptr() for p in model.parameters())
+        torch.save(results, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawned_rank(rank: int, store_path: str, folder: str) -> None:
+    _flat_gradients_rank(rank, store_path, f"{folder}/rank{rank}.pt")
+
+
+def test_flat_gradients_average_over_ranks_in_one_all_reduce(tmp_path):
+    import torch
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_spawned_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert all(torch.equal(a, b) for a, b in zip(r0["weights"], r1["weights"]))  # rank 0's weights everywhere
+    for step in (0, 1):
+        for a, b, g0, g1 in zip(r0[f"reduced{step}"], r1[f"reduced{step}"], r0[f"local{step}"], r1[f"local{step}"]):
+            assert torch.equal(a, b) and torch.equal(a, (g0 + g1) / 2)
+    assert r0["values0"] == r1["values0"] == [4.0, 4.0]
+    assert r0["values1"] == [float(2 * i + 1) for i in range(6)]  # more figures than slots: summed all the same
+
+
+def test_gradient_reduction_option_is_checked():
+    from pipeline.config import ConfigError, validate_config
+
+    raw = tiny_ptb_config(Path("/tmp/unused"), Path("/tmp/unused-data"))
+    raw["train"].update(engine="deepspeed", gradient_reduction="flat")
+    with pytest.raises(ConfigError, match="gradient_reduction flat is a ddp-engine option"):
+        validate_config(raw)
+    raw["train"]["gradient_reduction"] = "auto"
+    assert validate_config(raw).train.gradient_reduction == "auto"
 
 
 def test_kill_whole_job_and_resume_from_s3(reference, tmp_path, ptb_char_dir, s3_endpoint):

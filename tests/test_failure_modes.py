@@ -115,10 +115,11 @@ def test_full_checkpoint_location_stops_after_max_failed_saves_and_leaves_no_fol
     proc, error, files = _train_on_tmpfs(mount_namespace, ckpt, "size=64k", config)
     assert "could not save 3 checkpoints in a row (checkpoint.max_failed_saves 3)" in error
     assert "No space left on device" in error and "free space" in error
-    # Saves at steps 0 and 4 failed and training went on (with a warning); the third failure ended the run.
+    # Saves at steps 0 and 4 failed and training went on (with a warning); the third failure (step 8's save, in
+    # the background: checkpoint.async_save) is raised on the training thread at the next checkpoint, step 12.
     assert proc.stderr.count("training continues") == 2
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
-    assert max(steps) == 8
+    assert max(steps) == 12
     # A full device is not retried, and every failed save's folder was removed: nothing piles up.
     assert "retrying in" not in proc.stderr
     assert files == []

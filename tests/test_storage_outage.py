@@ -197,6 +197,9 @@ def _config(tmp_path: Path, data_dir: Path, checkpoint_url: str) -> Path:
     config["checkpoint"] = {
         "url": checkpoint_url, "every": EVERY, "keep_last": 2,
         "retry_attempts": 3, "retry_base_delay": 0.05, "retry_max_delay": 0.2,
+        # The outage is timed against the step-8 commit: synchronous saves (tests/test_checkpoint_async.py
+        # covers failures of background saves).
+        "async_save": False,
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -174,7 +174,8 @@ class DCPCheckpointer(Checkpointer):
             err = caught
         self.raise_if_any_failed(err)  # DCP's save is collective: all ranks go on, or none
         writer = DigestingFsspecWriter(self.storage.folder_url(name), ledger, **self.storage.storage_options)
-        dcp.save(state, storage_writer=writer)  # raises on every rank if any rank's write failed
+        # Raises on every rank if any rank's write failed; planning and the metadata gather run on save_group.
+        dcp.save(state, storage_writer=writer, process_group=self.save_group)
         return ledger.digests()
 
     def save(self, step: int, state: dict[str, Any], per_rank: dict[str, Any], meta: dict[str, Any], *,

@@ -11,6 +11,10 @@ Saving, on every rank (collectives keep the ranks' decisions identical):
    ``max_failed_saves`` failed saves in a row, or when the run's last save fails, the run stops with
    :class:`~pipeline.checkpoint.errors.CheckpointSaveFailed`.
 
+A save may run on a background thread (:mod:`.async_save`: the state copied to CPU memory at the step,
+training going on meanwhile): the same steps, its collectives on a process group of its own
+(``save_group``); the step is committed only once ``COMMITTED`` is written, as for a synchronous save.
+
 Loading: candidates are the committed folders that are not set aside, newest first (resume) or
 best validation loss first (divergence recovery, thesis §4.4). For each, every file is checked against
 its recorded digest before it is used, then the engine reads it. A checkpoint that fails is
@@ -27,6 +31,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
+import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from pipeline.checkpoint.errors import (
@@ -79,6 +84,11 @@ class Checkpointer:
 
     Engines implement the file-level hooks (see :class:`~pipeline.checkpoint.dcp.DCPCheckpointer`).
     ``lease``: the location's lease held by rank 0 (None: not checked, e.g. in library use).
+    ``save_group``: the process group the collectives of a save run on (choosing the folder, agreeing
+    on success, DCP's planning); None: the default group. A save on a background thread
+    (:class:`~pipeline.checkpoint.async_save.BackgroundSaver`) needs a group of its own, or its
+    collectives would interleave with the training thread's on the default group. Loading always
+    uses the default group (it runs on the training thread).
     """
 
     engine: str = ""
@@ -91,12 +101,30 @@ class Checkpointer:
         self.max_failed_saves = max_failed_saves
         self.lease = lease
         self.failed_saves = 0  # in a row
+        self.save_group: dist.ProcessGroup | None = None
 
     # ------------------------------------------------------------------------- collectives
 
+    def _gather_on_save_group(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` in rank order (a collective on ``save_group``)."""
+        if self.save_group is None or not self.ctx.distributed:
+            return gather_objects(self.ctx, obj)
+        out: list[Any] = [None] * self.ctx.world_size
+        dist.all_gather_object(out, obj, group=self.save_group)
+        return out
+
+    def _broadcast_on_save_group(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank (a collective on ``save_group``)."""
+        if self.save_group is None or not self.ctx.distributed:
+            return broadcast_object(self.ctx, obj)
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.save_group)  # a gloo group: objects travel on the CPU
+        return box[0]
+
     def raise_if_any_failed(self, err: BaseException | None) -> None:
-        """Collective: raise :class:`SaveAborted` on every rank with the first rank's failure, if any."""
-        failures = [f for f in gather_objects(self.ctx, _failure(err)) if f is not None]
+        """Collective (on ``save_group``): raise :class:`SaveAborted` on every rank with the first rank's
+        failure, if any."""
+        failures = [f for f in self._gather_on_save_group(_failure(err)) if f is not None]
         if failures:
             reason, kind = failures[0]
             raise SaveAborted(reason, transient=kind == "transient")
@@ -118,7 +146,7 @@ class Checkpointer:
                     name = self.storage.new_folder(step)
                 except CheckpointError as err:
                     log.warning("%s", err)
-        name, lost = broadcast_object(self.ctx, (name, lost))
+        name, lost = self._broadcast_on_save_group((name, lost))
         if lost is not None:
             raise CheckpointLeaseLost(lost)
         return name
@@ -134,7 +162,7 @@ class Checkpointer:
         except (Exception, CheckpointException) as caught:  # CheckpointException is a BaseException
             raise_if_interrupted(caught)
             err = caught
-        everyone = gather_objects(self.ctx, (_failure(err), dict(digests)))
+        everyone = self._gather_on_save_group((_failure(err), dict(digests)))
         failures = [f for f, _ in everyone if f is not None]
         if not failures and self.ctx.is_main:
             try:
@@ -143,7 +171,7 @@ class Checkpointer:
                                           files)
             except Exception as caught:
                 failures = [_failure(caught)]
-        failures = broadcast_object(self.ctx, failures)
+        failures = self._broadcast_on_save_group(failures)
         if failures:
             reason, kind = failures[0]
             raise SaveAborted(reason, transient=kind == "transient")

@@ -8,7 +8,8 @@ Quick use::
     stream = BatchStream(load_tokens("data/sample", "train"), batch_size=16, bptt=64)
     batch = stream.next_batch()          # batch.inputs / batch.targets: [64, 16] int64
 
-See :mod:`pipeline.data.sources` (source URLs, archive layouts, cache), :mod:`pipeline.data.datasets`
+See :mod:`pipeline.data.sources` (source URLs, archive layouts, cache), :mod:`pipeline.data.streaming`
+(one member streamed through read / hash / inflate threads), :mod:`pipeline.data.datasets`
 (per-dataset tokenisation and canonical facts), :mod:`pipeline.data.prepare` (output folder and
 manifest), :mod:`pipeline.data.batches` (truncated-BPTT batching) and :mod:`pipeline.data.sentences`
 (sentence corpora of ``ptb_word`` / ``sentences`` / ``synthetic``: padded, length-bucketed sentence

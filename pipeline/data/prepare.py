@@ -11,16 +11,25 @@ Output folder layout::
 The folder is built as a hidden sibling (``.<name>.tmp-*``) and moved into place with
 ``os.replace`` only when complete, so a failure at any point leaves no partial output (and, with
 ``force=True``, leaves the previous output untouched).
+
+The single-stream corpora (enwik8, text8, text) are prepared in one pass: the archive member is
+streamed (:func:`pipeline.data.streaming.stream_member`: read, hashed and inflated on worker
+threads), mapped chunk by chunk and written straight into the three split files, each hashed
+while it is written; the source is verified once all of it was read, before the folder is moved
+into place. Every split file is byte for byte what ``np.save`` writes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import os
 import shutil
 import tempfile
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
@@ -28,8 +37,26 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pipeline.data.datasets import GENERATED, SPLITS, Tokenised, get_spec, synthetic_sentences, tokenise_sentences
-from pipeline.data.sources import DataError, SourceFacts, _is_directory, fetch_source, normalize_source, sha256_file
+from pipeline.data.datasets import (
+    GENERATED,
+    SPLITS,
+    DatasetSpec,
+    StreamTokeniser,
+    Tokenised,
+    get_spec,
+    split_lengths,
+    synthetic_sentences,
+    tokenise_sentences,
+)
+from pipeline.data.sources import (
+    DataError,
+    SourceFacts,
+    _is_directory,
+    fetch_source,
+    normalize_source,
+    sha256_file,
+)
+from pipeline.data.streaming import stream_member
 
 __all__ = [
     "FORMAT_VERSION",
@@ -243,37 +270,94 @@ def _existing(out: Path, name: str, source: str, force: bool,
     return manifest
 
 
-def _write_folder(tmp: Path, name: str, unit: str, source: str, source_sha: str | None,
-                  splits: dict[str, np.ndarray], vocab: list[str],
-                  labels: dict[str, list[str]] | None = None, vocab_size_cap: int | None = None) -> DatasetManifest:
+def npy_header(dtype: np.dtype, length: int) -> bytes:
+    """The header ``np.save`` writes before a 1-D C-order array of ``length`` items of ``dtype``."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (length,)}
+    )
+    return header.getvalue()
+
+
+class _SplitFiles:
+    """Writes one token stream into ``<split>.npy`` files as it arrives - the first ``lengths[split]``
+    ids to the first split of ``lengths``, and so on - hashing every file while it is written: no
+    copy of the stream is kept and no file is read back."""
+
+    def __init__(self, folder: Path, lengths: dict[str, int], dtype: np.dtype) -> None:
+        self._folder = folder
+        self._dtype = np.dtype(dtype)
+        self._lengths = lengths
+        self._pending = list(lengths)  # splits not opened yet, in stream order
+        self.infos: dict[str, SplitInfo] = {}  # the splits written completely
+        self._split = ""
+        self._file: io.FileIO | None = None
+        self._hash = hashlib.sha256()
+        self._left = 0  # bytes the open split still needs
+
+    def write(self, ids: bytes | memoryview | np.ndarray) -> None:
+        """The stream's next ids (``dtype`` items)."""
+        data = memoryview(ids).cast("B")
+        while data:
+            if self._file is None:
+                self._open_next(len(data))
+            part = data[: self._left]
+            self._hash.update(part)
+            self._file.write(part)  # type: ignore[union-attr]
+            self._left -= len(part)
+            data = data[len(part) :]
+            if self._left == 0:
+                self._close_split()
+
+    def finish(self) -> dict[str, SplitInfo]:
+        """Every split's file info, once the whole stream was written (trailing splits of 0 ids are written here)."""
+        while self._file is None and self._pending:
+            self._open_next(0)
+            if self._left == 0:
+                self._close_split()
+        if self._file is not None or self._pending:
+            raise DataError(f"the token stream ended {self._left:,} bytes short of split {self._split!r}")
+        return self.infos
+
+    def close(self) -> None:
+        """Release the open file (after an error; the folder is discarded)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _open_next(self, incoming: int) -> None:
+        if not self._pending:
+            raise DataError(f"the token stream holds more ids than its splits ({incoming:,} bytes left over)")
+        self._split = self._pending.pop(0)
+        length = self._lengths[self._split]
+        header = npy_header(self._dtype, length)
+        self._file = io.FileIO(self._folder / f"{self._split}.npy", "w")
+        self._file.write(header)
+        self._hash = hashlib.sha256(header)
+        self._left = length * self._dtype.itemsize
+
+    def _close_split(self) -> None:
+        assert self._file is not None
+        self._file.close()
+        self._file = None
+        self.infos[self._split] = SplitInfo(
+            file=f"{self._split}.npy", num_tokens=self._lengths[self._split], dtype=str(self._dtype),
+            sha256=self._hash.hexdigest(),
+        )
+
+
+def _write_arrays(folder: Path, splits: dict[str, np.ndarray]) -> dict[str, SplitInfo]:
+    """Write whole split arrays (the corpora read whole) in ``np.save``'s format, hashed while written."""
     infos: dict[str, SplitInfo] = {}
-    extra: dict[str, SplitInfo] = {}
-    if labels is not None:
-        (tmp / LABELS_NAME).write_text(json.dumps(labels, ensure_ascii=True), encoding="utf-8")
-        extra["labels"] = SplitInfo(file=LABELS_NAME, num_tokens=sum(len(v) for v in labels.values()), dtype="json",
-                                    sha256=sha256_file(tmp / LABELS_NAME))
     for split in SPLITS:
         arr = np.ascontiguousarray(splits[split])
-        fname = f"{split}.npy"
-        np.save(tmp / fname, arr, allow_pickle=False)
-        infos[split] = SplitInfo(
-            file=fname, num_tokens=int(arr.shape[0]), dtype=str(arr.dtype), sha256=sha256_file(tmp / fname)
-        )
-    (tmp / VOCAB_NAME).write_text(json.dumps(vocab, ensure_ascii=True), encoding="utf-8")
-    manifest = DatasetManifest(
-        name=name,
-        unit=unit,  # type: ignore[arg-type]
-        source=source,
-        source_sha256=source_sha,
-        vocab_size=len(vocab),
-        splits=infos,
-        format_version=FORMAT_VERSION,
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        extra_files=extra,
-        vocab_size_cap=vocab_size_cap,
-    )
-    (tmp / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
-    return manifest
+        files = _SplitFiles(folder, {split: int(arr.shape[0])}, arr.dtype)
+        try:
+            files.write(arr)
+            infos.update(files.finish())
+        finally:
+            files.close()
+    return infos
 
 
 def _umask() -> int:
@@ -296,6 +380,49 @@ def _move_into_place(tmp: Path, out: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class _Written:
+    """The data files of a folder under construction, and what its manifest needs to know besides."""
+
+    splits: dict[str, SplitInfo]
+    vocab: list[str]
+    source_sha256: str | None
+    labels: SplitInfo | None = None
+
+
+class _TokenSink:
+    """Tokenises a streamed member chunk by chunk into the split files of ``folder``."""
+
+    def __init__(self, folder: Path, tokens: StreamTokeniser) -> None:
+        self._folder = folder
+        self._tokens = tokens
+        self.files: _SplitFiles | None = None
+
+    def open(self, size: int, location: str) -> None:
+        self.files = _SplitFiles(self._folder, split_lengths(size, location), self._tokens.dtype)
+
+    def write(self, chunk: bytes | memoryview) -> None:
+        assert self.files is not None
+        self.files.write(self._tokens(chunk))
+
+
+def _stream_splits(spec: DatasetSpec, source: str, folder: Path, cache: Path, facts: SourceFacts | None,
+                   progress: bool) -> _Written:
+    """A single-stream corpus: its one member streamed through the tokeniser into the split files."""
+    assert spec.stream is not None
+    (member,) = spec.members
+    tokens = spec.stream()
+    sink = _TokenSink(folder, tokens)
+    try:
+        streamed = stream_member(source, member, sink, cache_dir=cache, facts=facts, progress=progress)
+        tokens.check(streamed.location)
+        assert sink.files is not None
+        return _Written(sink.files.finish(), list(tokens.vocab), streamed.sha256)
+    finally:
+        if sink.files is not None:
+            sink.files.close()
+
+
 def _tokenise(name: str, source: str, cache: Path, facts: SourceFacts | None, progress: bool,
               vocab_size_cap: int | None) -> tuple[Tokenised, str | None]:
     """Fetch and tokenise ``source`` as dataset ``name``: (tokenised splits, sha256 of the fetched file)."""
@@ -311,6 +438,38 @@ def _tokenise(name: str, source: str, cache: Path, facts: SourceFacts | None, pr
     else:
         tokenised = spec.tokenise(fetched.members, fetched.locations, progress)
     return tokenised, fetched.sha256
+
+
+def _tokenise_splits(name: str, source: str, folder: Path, cache: Path, facts: SourceFacts | None, progress: bool,
+                     vocab_size_cap: int | None) -> _Written:
+    """The corpora read whole (line corpora, generated ones): tokenised in memory, then written."""
+    tokenised, source_sha = _tokenise(name, source, cache, facts, progress, vocab_size_cap)
+    labels = None
+    if tokenised.labels is not None:
+        (folder / LABELS_NAME).write_text(json.dumps(tokenised.labels, ensure_ascii=True), encoding="utf-8")
+        labels = SplitInfo(file=LABELS_NAME, num_tokens=sum(len(v) for v in tokenised.labels.values()), dtype="json",
+                           sha256=sha256_file(folder / LABELS_NAME))
+    return _Written(_write_arrays(folder, tokenised.splits), tokenised.vocab, source_sha, labels)
+
+
+def _write_manifest(folder: Path, name: str, unit: str, source: str, written: _Written,
+                    vocab_size_cap: int | None) -> DatasetManifest:
+    """Write the vocabulary, then the manifest (last: it describes the files already there)."""
+    (folder / VOCAB_NAME).write_text(json.dumps(written.vocab, ensure_ascii=True), encoding="utf-8")
+    manifest = DatasetManifest(
+        name=name,
+        unit=unit,  # type: ignore[arg-type]
+        source=source,
+        source_sha256=written.source_sha256,
+        vocab_size=len(written.vocab),
+        splits=written.splits,
+        format_version=FORMAT_VERSION,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        extra_files={"labels": written.labels} if written.labels is not None else {},
+        vocab_size_cap=vocab_size_cap,
+    )
+    (folder / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    return manifest
 
 
 def prepare_dataset(
@@ -361,14 +520,15 @@ def prepare_dataset(
     cache = Path(cache_dir).expanduser().absolute() if cache_dir is not None else out.parent / ".downloads"
     facts = (expected if expected is not None else spec.facts) if verify_source else None
     log.info("preparing %s from %s", name, source_id)
-    tokenised, source_sha = _tokenise(name, source_id, cache, facts, progress, vocab_size_cap)
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the result should look like a plain mkdir
-        manifest = _write_folder(tmp, name, spec.unit, source_id, source_sha, tokenised.splits, tokenised.vocab,
-                                 tokenised.labels, vocab_size_cap)
+        if spec.stream is not None:
+            written = _stream_splits(spec, source_id, tmp, cache, facts, progress)
+        else:
+            written = _tokenise_splits(name, source_id, tmp, cache, facts, progress, vocab_size_cap)
+        manifest = _write_manifest(tmp, name, spec.unit, source_id, written, vocab_size_cap)
         if not force and (out / MANIFEST_NAME).exists():
             # Someone else (another rank / process) finished first: keep theirs if it verifies.
             theirs = _existing(out, name, source_id, force=False, vocab_size_cap=vocab_size_cap)

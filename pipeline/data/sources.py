@@ -19,6 +19,10 @@ re-downloading.
 Verification uses :class:`SourceFacts`: the expected size / sha256 of the fetched file itself
 (``archive``) and of each member after decompression (``members``, keyed by basename). Any fact
 left ``None`` is not checked.
+
+Two ways to read members: :func:`fetch_source` returns them whole (line corpora, a few MB);
+:func:`pipeline.data.streaming.stream_member` hands one member to a sink chunk by chunk in a single pass
+over the archive (the single-stream corpora, 10^8 bytes).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import tarfile
 import uuid
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -296,8 +300,14 @@ def _download(url: str, dest: Path, facts: FileFacts | None, progress: bool) -> 
             tmp.unlink()
 
 
-def _fetch_file(url: str, cache_dir: Path, facts: FileFacts | None, progress: bool) -> tuple[_Origin, str]:
-    """Make ``url`` available as a verified local file; returns (origin, sha256 of the file)."""
+def _fetch_file(url: str, cache_dir: Path, facts: FileFacts | None, progress: bool, *,
+                hash_local: bool = True) -> tuple[_Origin, str | None]:
+    """Make ``url`` available as a verified local file; returns (origin, sha256 of the file).
+
+    ``hash_local=False``: a local file is only size-checked and its sha256 is None - the caller
+    hashes it while reading it (:func:`stream_member`) and must check it against ``facts`` before
+    trusting anything read. Downloads are always hashed here (while downloading).
+    """
     if is_local_source(url):
         path = _local_path(url)
         if not path.is_file():
@@ -306,6 +316,8 @@ def _fetch_file(url: str, cache_dir: Path, facts: FileFacts | None, progress: bo
             raise DataError(f"source not found: {url} does not exist; check the path")
         origin = _Origin(url, path, cached=False)
         _check_size(origin.what, path.stat().st_size, facts, origin.fix)
+        if not hash_local:
+            return origin, None
         digest = sha256_file(path, progress=progress)
         _check_sha(origin.what, digest, facts, origin.fix)
         return origin, digest
@@ -400,18 +412,30 @@ def _not_found(wanted: str, where: str, names: list[str]) -> DataError:
     )
 
 
-def _verify_member(name: str, data: bytes, facts: SourceFacts | None, where: str, fix: str) -> None:
-    mf = facts.members.get(name) if facts is not None else None
-    if mf is None:
-        return
-    what = f"member '{name}' of {where}"
-    if mf.size is not None and len(data) != mf.size:
+def _member_facts(name: str, facts: SourceFacts | None) -> FileFacts | None:
+    return facts.members.get(name) if facts is not None else None
+
+
+def _check_member_size(name: str, size: int, facts: SourceFacts | None, where: str, fix: str) -> None:
+    mf = _member_facts(name, facts)
+    if mf is not None and mf.size is not None and size != mf.size:
         raise DataError(
-            f"{what} has the wrong size (expected {_fmt(mf.size)} bytes, got {_fmt(len(data))}): "
+            f"member '{name}' of {where} has the wrong size (expected {_fmt(mf.size)} bytes, got {_fmt(size)}): "
             f"the source is corrupt, truncated or not the canonical file; {fix} "
             "(or pass verify_source=False if you deliberately use a different file)"
         )
-    _check_sha(what, sha256_bytes(data), mf, fix)
+
+
+def _check_member_sha(name: str, digest: Callable[[], str], facts: SourceFacts | None, where: str, fix: str) -> None:
+    """Check the member's sha256 (``digest()``, only called when the facts hold one)."""
+    mf = _member_facts(name, facts)
+    if mf is not None and mf.sha256 is not None:
+        _check_sha(f"member '{name}' of {where}", digest(), mf, fix)
+
+
+def _verify_member(name: str, data: bytes, facts: SourceFacts | None, where: str, fix: str) -> None:
+    _check_member_size(name, len(data), facts, where, fix)
+    _check_member_sha(name, lambda: sha256_bytes(data), facts, where, fix)
 
 
 def _choose_member(names: list[str], wanted: str | None, where: str) -> tuple[str, bool]:
@@ -460,16 +484,26 @@ def _read_tar(origin: _Origin, wanted: list[str | None], progress: bool) -> dict
     return out
 
 
+def _single_file_name(origin: _Origin) -> str:
+    return origin.path.name if not origin.cached else _basename(origin.url)
+
+
+def _check_single_file_name(origin: _Origin, kind: str, wanted: str | None) -> None:
+    """A single-file source is member ``wanted`` only if its name (less ``.gz``) says so."""
+    name = _single_file_name(origin)
+    inner = name[:-3] if kind == "gzip" and name.endswith(".gz") else name
+    if wanted is not None and inner != wanted:
+        raise _not_found(wanted, f"{origin.what} (a single {'gzipped ' if kind == 'gzip' else ''}file)", [name])
+
+
 def _read_single(
     origin: _Origin, kind: str, wanted: list[str | None], progress: bool
 ) -> dict[str | None, tuple[bytes, str]]:
     """A plain or gzipped file: it *is* the one member (matched by its name without ``.gz``)."""
-    name = origin.path.name if not origin.cached else _basename(origin.url)
-    inner = name[:-3] if kind == "gzip" and name.endswith(".gz") else name
+    name = _single_file_name(origin)
     out: dict[str | None, tuple[bytes, str]] = {}
     for w in wanted:
-        if w is not None and inner != w:
-            raise _not_found(w, f"{origin.what} (a single {'gzipped ' if kind == 'gzip' else ''}file)", [name])
+        _check_single_file_name(origin, kind, w)
         if kind == "gzip":
             with gzip.open(origin.path, "rb") as g:
                 data = _read_all(g, None, f"gunzip {name}", progress and origin.path.stat().st_size >= PROGRESS_MIN_BYTES // 4)
@@ -562,25 +596,13 @@ def fetch_source(
     else:
         origin, digest = _fetch_file(source, cache, facts.archive if facts else None, progress)
         fix = origin.fix
-        kind = _sniff(origin.path)
-        try:
-            if kind == "zip":
-                got = _read_zip(origin, wanted, progress)
-            elif kind == "tar":
-                got = _read_tar(origin, wanted, progress)
-            else:
-                got = _read_single(origin, kind, wanted, progress)
-        except DataError:
-            raise
-        except _CORRUPT_ERRORS as err:
-            size = origin.path.stat().st_size
-            expected = facts.archive.size if facts and facts.archive and facts.archive.size is not None else None
-            sizes = (
-                f"expected {_fmt(expected)} bytes, got {_fmt(size)}"
-                if expected is not None and expected != size
-                else f"{_fmt(size)} bytes; {type(err).__name__}: {err}"
-            )
-            raise DataError(f"{origin.what} is corrupt or truncated ({sizes}); {origin.fix}") from err
+        got = _read_members(origin, _sniff(origin.path), wanted, facts, progress)
+    return _verified(source, digest, got, facts, fix)
+
+
+def _verified(source: str, digest: str | None, got: dict[str | None, tuple[bytes, str]],
+              facts: SourceFacts | None, fix: str) -> FetchedSource:
+    """The members read, each checked against its facts."""
     members: dict[str, bytes] = {}
     locations: dict[str, str] = {}
     for w, (data, where) in got.items():
@@ -589,3 +611,30 @@ def fetch_source(
         members[key] = data
         locations[key] = where
     return FetchedSource(source=source, sha256=digest, members=members, locations=locations)
+
+
+def _read_members(origin: _Origin, kind: str, wanted: list[str | None], facts: SourceFacts | None,
+                  progress: bool) -> dict[str | None, tuple[bytes, str]]:
+    """The whole contents of the ``wanted`` members of a fetched (verified) file."""
+    try:
+        if kind == "zip":
+            return _read_zip(origin, wanted, progress)
+        if kind == "tar":
+            return _read_tar(origin, wanted, progress)
+        return _read_single(origin, kind, wanted, progress)
+    except DataError:
+        raise
+    except _CORRUPT_ERRORS as err:
+        raise _corrupt(origin, facts, err) from err
+
+
+def _corrupt(origin: _Origin, facts: SourceFacts | None, err: BaseException) -> DataError:
+    """The error for a source the archive / decompression code rejected (``err``)."""
+    size = origin.path.stat().st_size
+    expected = facts.archive.size if facts and facts.archive and facts.archive.size is not None else None
+    sizes = (
+        f"expected {_fmt(expected)} bytes, got {_fmt(size)}"
+        if expected is not None and expected != size
+        else f"{_fmt(size)} bytes; {type(err).__name__}: {err}"
+    )
+    return DataError(f"{origin.what} is corrupt or truncated ({sizes}); {origin.fix}")
