@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -160,3 +161,14 @@ def diverge_once(monkeypatch, at_step: int) -> dict:
 
     monkeypatch.setattr(Trainer, "train_step", flaky_step)
     return poisoned
+
+
+def train_log_entries(run_dir: Path, key: str = "loss") -> dict[int, object]:
+    """Per-step ``key`` entries of a run's train log (``train_log.jsonl``); a step re-run after a resume
+    overwrites the killed run's entry."""
+    out: dict[int, object] = {}
+    for line in (run_dir / "train_log.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if key in record:
+            out[record["step"]] = record[key]
+    return out

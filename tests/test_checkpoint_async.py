@@ -24,7 +24,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import PYTHON, REPO, pipeline_env, tiny_ptb_config
+from conftest import PYTHON, REPO, pipeline_env, tiny_ptb_config, train_log_entries
 from pipeline.checkpoint import COMMIT_FILE, CheckpointSaveFailed, CheckpointStorage
 from pipeline.config import ConfigError, validate_config
 from pipeline.train import Trainer
@@ -326,13 +326,7 @@ def test_a_background_save_killed_before_its_commit_is_ignored_on_restore(tmp_pa
 # --------------------------------------------------------------------------- exact resume
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    out: dict[int, float] = {}
-    for line in (run_dir / "train_log.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            out[record["step"]] = record["loss"]
-    return out
+_losses = train_log_entries  # per-step training loss
 
 
 def test_a_run_resumed_from_async_checkpoints_continues_bit_exactly(tmp_path, ptb_char_dir, monkeypatch):

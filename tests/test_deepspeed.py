@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import PYTHON, multiprocess_env, pipeline_env, tiny_ptb_config, torchrun_train_command
+from conftest import PYTHON, multiprocess_env, pipeline_env, tiny_ptb_config, torchrun_train_command, train_log_entries
 
 pytest.importorskip("deepspeed", reason="train.engine deepspeed needs the deepspeed package (a project dependency)")
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.*:DeprecationWarning")
@@ -51,14 +51,7 @@ def _env(s3_endpoint: dict) -> dict[str, str]:
     return env
 
 
-def _records(run_dir: Path, key: str) -> dict[int, object]:
-    """Per-step entries of the train log; a step re-run after a resume overwrites the killed run's entry."""
-    out: dict[int, object] = {}
-    for line in (run_dir / "train_log.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if key in record:
-            out[record["step"]] = record[key]
-    return out
+_records = train_log_entries
 
 
 def _fs(url: str):

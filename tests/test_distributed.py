@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import PYTHON, multiprocess_env, tiny_ptb_config, torchrun_train_command
+from conftest import PYTHON, multiprocess_env, tiny_ptb_config, torchrun_train_command, train_log_entries
 
 STEPS = 24
 
@@ -32,13 +32,7 @@ _torchrun = torchrun_train_command
 _env = multiprocess_env
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    out: dict[int, float] = {}
-    for line in (run_dir / "train_log.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            out[record["step"]] = record["loss"]
-    return out
+_losses = train_log_entries  # per-step training loss
 
 
 def _committed_steps(prefix: str) -> list[int]:

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import PYTHON, pipeline_env, tiny_ptb_config
+from conftest import PYTHON, pipeline_env, tiny_ptb_config, train_log_entries
 
 STEPS = 24
 
@@ -27,14 +27,7 @@ def _config(tmp_path: Path, data_dir: Path, name: str) -> Path:
     return path
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    """Per-step training loss; a step re-run after a resume overwrites the killed run's entry."""
-    out: dict[int, float] = {}
-    for line in (run_dir / "train_log.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            out[record["step"]] = record["loss"]
-    return out
+_losses = train_log_entries  # per-step training loss
 
 
 def _evals(run_dir: Path) -> dict[int, dict]:
